@@ -1,0 +1,553 @@
+"""FSC-147 loading, numbered marks, counting states (`prepare_batch`) and a synthetic FSC-147 generator.
+
+    python dataset_fsc147.py synth --out data/synth --num_images 200 --seed 0     # FSC-147 layout
+    python dataset_fsc147.py synth --out data/synth --num_images 60 --max_objects 6 --image_height 384
+    python dataset_fsc147.py check --data_root /path/FSC147                       # parse + report skips
+
+Layout read (and written by `synth`), as published with FSC-147:
+    DATA_ROOT/images_384_VarV2/<id>.jpg         images resized to height 384
+    DATA_ROOT/annotation_FSC147_384.json        {"<id>.jpg": {"points": [[x, y], ...],
+                                                   "box_examples_coordinates": [[[x1,y1],[x1,y2],[x2,y2],[x2,y1]], ...],
+                                                   "H": ..., "W": ..., ...}}
+    DATA_ROOT/Train_Test_Val_FSC_147.json       {"train": [...], "val": [...], "test": [...]}
+    DATA_ROOT/ImageClasses_FSC147.txt           "<id>.jpg<TAB><class name>" per line
+
+Coordinates: points are pixels of the image as stored. The model sees normalised coordinates
+x_n = 2 * x / W - 1, y_n = 2 * y / H - 1 (W, H: the image's width and height). The Qwen2-VL processor
+resizes the whole image (no crop, no pad), so these normalised values are the same in the resized
+image the model is fed: normalising against the stored image is normalising against the fed image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
+
+IMAGE_DIR = "images_384_VarV2"
+ANNOTATION_FILE = "annotation_FSC147_384.json"
+SPLIT_FILE = "Train_Test_Val_FSC_147.json"
+CLASS_FILE = "ImageClasses_FSC147.txt"
+LAYOUT = f"""expected FSC-147 layout:
+  DATA_ROOT/{IMAGE_DIR}/<id>.jpg
+  DATA_ROOT/{ANNOTATION_FILE}
+  DATA_ROOT/{SPLIT_FILE}
+  DATA_ROOT/{CLASS_FILE}
+(make a small one with: python dataset_fsc147.py synth --out DIR)"""
+
+TARGET_STRATEGIES = ("reading_order", "nearest")
+
+
+class UsageError(Exception):
+    """A user mistake (missing file, bad flag, wrong path): scripts print it without a traceback."""
+
+
+# ----------------------------------------------------------------------------- coordinates
+
+
+def normalize_points(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Pixel (x, y) -> [-1, 1] relative to the image. points: (N, 2)."""
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    scale = np.array([width, height], dtype=np.float32)
+    return points / scale * 2.0 - 1.0
+
+
+def denormalize_points(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[-1, 1] -> pixel (x, y) of an image of the given size. points: (N, 2)."""
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    scale = np.array([width, height], dtype=np.float32)
+    return (points + 1.0) / 2.0 * scale
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class Sample:
+    """One FSC-147 image with its annotation."""
+
+    id: str  # file name, e.g. "2.jpg"
+    image: Image.Image  # RGB
+    points: np.ndarray  # (N, 2) float32 pixels, clipped to the image
+    boxes: np.ndarray  # (M, 4) float32 exemplar boxes x1, y1, x2, y2 in pixels
+    class_name: str
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_class_file(path: str) -> dict[str, str]:
+    """`<id>.jpg<TAB><class name>` per line -> {id: class name}. Tolerates CRLF and blank lines."""
+    classes = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t", 1)
+            if len(parts) != 2 or not parts[1].strip():
+                raise UsageError(f"{path}:{lineno}: expected '<id>.jpg<TAB><class name>', got {line!r}")
+            classes[parts[0].strip()] = parts[1].strip()
+    return classes
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image fully and convert it to RGB (grayscale, palette, RGBA, CMYK, 16-bit)."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGB", im.size, (255, 255, 255))
+            background.paste(im, mask=im.getchannel("A"))
+            return background
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float32)
+            arr = (arr / max(float(arr.max()), 1.0) * 255.0).astype(np.uint8)
+            return Image.fromarray(arr).convert("RGB")
+        return im.convert("RGB")
+
+
+class FSC147Dataset(torch.utils.data.Dataset):
+    """The images of one split of FSC-147 (or of a synthetic dataset in its layout).
+
+    Entries that cannot be used are skipped with a warning and counted in `self.skipped`
+    ({reason: [ids]}): listed in the split but missing from the annotation file, no points, image
+    file missing. Images that fail to decode are found when loaded: `__getitem__` returns None for
+    them and counts them, and `collate_samples` drops the None.
+    """
+
+    def __init__(self, root: str, split: str = "train", max_images: int = 0):
+        self.root = root
+        self.split = split
+        missing = [p for p in (IMAGE_DIR, ANNOTATION_FILE, SPLIT_FILE, CLASS_FILE)
+                   if not os.path.exists(os.path.join(root, p))]
+        if not os.path.isdir(root):
+            raise UsageError(f"data root {root!r} does not exist; {LAYOUT}")
+        if missing:
+            paths = ", ".join(os.path.join(root, p) for p in missing)
+            raise UsageError(f"missing in data root: {paths}; {LAYOUT}")
+        annotations = _read_json(os.path.join(root, ANNOTATION_FILE))
+        splits = _read_json(os.path.join(root, SPLIT_FILE))
+        classes = read_class_file(os.path.join(root, CLASS_FILE))
+        if split not in splits:
+            raise UsageError(f"{os.path.join(root, SPLIT_FILE)}: no split {split!r} (has {sorted(splits)})")
+
+        self.skipped: dict[str, list[str]] = {}
+        self.entries: list[dict] = []
+        for image_id in splits[split]:
+            reason = self._check_entry(image_id, annotations, classes)
+            if reason:
+                self.skipped.setdefault(reason, []).append(image_id)
+                continue
+            self.entries.append({"id": image_id, "class_name": classes[image_id], **annotations[image_id]})
+            if max_images and len(self.entries) >= max_images:
+                break
+        if self.skipped:
+            summary = "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in self.skipped.items())
+            logger.warning("%s split %r: skipped %d entries: %s", root, split, self.num_skipped, summary)
+        if not self.entries:
+            raise UsageError(f"{root}: split {split!r} has no usable images "
+                             f"({len(splits[split])} listed, {self.num_skipped} skipped)")
+
+    def _check_entry(self, image_id: str, annotations: dict, classes: dict) -> str | None:
+        """Why an entry of the split cannot be used, or None when it can."""
+        if image_id not in annotations:
+            return "not in annotation file"
+        if image_id not in classes:
+            return "not in class file"
+        points = annotations[image_id].get("points")
+        if not isinstance(points, list) or len(points) == 0:
+            return "no points"
+        if not os.path.isfile(os.path.join(self.root, IMAGE_DIR, image_id)):
+            return "image file missing"
+        return None
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        entry = self.entries[index]
+        path = os.path.join(self.root, IMAGE_DIR, entry["id"])
+        try:
+            image = load_rgb(path)
+            points = np.asarray(entry["points"], dtype=np.float32).reshape(-1, 2)
+        except (OSError, ValueError, TypeError) as e:
+            # Counted where the sample is dropped (collate_samples); one line per bad file.
+            logger.warning("skipping %s: %s", path, e)
+            return None
+        points = points[np.isfinite(points).all(axis=1)]
+        if len(points) == 0:
+            logger.warning("skipping %s: no finite points", path)
+            return None
+        width, height = image.size
+        points[:, 0] = points[:, 0].clip(0, width - 1)
+        points[:, 1] = points[:, 1].clip(0, height - 1)
+        return Sample(entry["id"], image, points, _parse_boxes(entry.get("box_examples_coordinates")),
+                      entry["class_name"])
+
+
+def _parse_boxes(raw) -> np.ndarray:
+    """FSC-147 exemplar boxes (4 corners each) -> (M, 4) x1, y1, x2, y2."""
+    boxes = []
+    for corners in raw or []:
+        try:
+            c = np.asarray(corners, dtype=np.float32).reshape(-1, 2)
+        except (ValueError, TypeError):
+            continue
+        if len(c) >= 2 and np.isfinite(c).all():
+            boxes.append([c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()])
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+def collate_samples(batch: list[Sample | None]) -> list[Sample]:
+    """DataLoader collate: keep samples as a list, drop the ones that failed to load."""
+    return [s for s in batch if s is not None]
+
+
+# ----------------------------------------------------------------------------- marks
+
+
+def _font(size: int):
+    """A scalable font when Pillow has FreeType, else the fixed bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def mark_radius(width: int, height: int) -> int:
+    """Mark radius in pixels: scales with the image so marks stay legible after resizing."""
+    return max(4, round(min(width, height) / 40))
+
+
+def draw_marks(image: Image.Image, points, labels=None) -> Image.Image:
+    """Return a copy of `image` with a numbered mark (1, 2, ...) at each counted point.
+
+    A filled red disc with a white-then-black outline, and a white number with a black stroke: one
+    of the two outlines contrasts with any background. Radius and font size scale with the image.
+    Deterministic: the same inputs give the same pixels.
+    """
+    out = image.convert("RGB")  # convert() copies, so the caller's image is untouched
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    if len(points) == 0:
+        return out
+    labels = labels if labels is not None else range(1, len(points) + 1)
+    r = mark_radius(*out.size)
+    font = _font(max(8, round(1.3 * r)))
+    stroke = max(1, r // 5)
+    draw = ImageDraw.Draw(out)
+    for (x, y), label in zip(points, labels):
+        draw.ellipse([x - r - stroke, y - r - stroke, x + r + stroke, y + r + stroke], fill=(0, 0, 0))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(220, 30, 30), outline=(255, 255, 255), width=stroke)
+        draw.text((float(x), float(y)), str(label), fill=(255, 255, 255), font=font, anchor="mm",
+                  stroke_width=stroke, stroke_fill=(0, 0, 0))
+    return out
+
+
+# ----------------------------------------------------------------------------- counting states
+
+
+def reading_order(points: np.ndarray, boxes: np.ndarray | None = None, height: int = 384) -> np.ndarray:
+    """Indices of points in reading order: rows top to bottom, left to right within a row.
+
+    A row is a horizontal band as tall as the mean exemplar box (or height / 12 without boxes), so
+    objects side by side are read left to right even when their y differ by a few pixels.
+    """
+    band = float(np.mean(boxes[:, 3] - boxes[:, 1])) if boxes is not None and len(boxes) else height / 12
+    band = max(band, 1.0)
+    rows = np.floor(points[:, 1] / band)
+    return np.lexsort((points[:, 0], rows))
+
+
+@dataclass
+class CountingBatch:
+    """Counting states built from images: marked images, prompts' class names and targets."""
+
+    mode: str  # "cls" (done vs not done) or "reg" (x, y of a next object)
+    ids: list[str]
+    images: list[Image.Image]  # with the counted objects marked 1..k
+    class_names: list[str]
+    counted: list[np.ndarray]  # per state (k, 2) normalised points, in counting order
+    num_objects: list[int]  # N per image
+    done: torch.Tensor  # (B,) 1.0 when k == N
+    targets: torch.Tensor  # (B, M, 2) normalised candidate next objects (padded)
+    target_mask: torch.Tensor  # (B, M) True where targets holds a candidate
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) per image
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
+                  strategy: str = "reading_order") -> CountingBatch:
+    """Build one counting state per image: N objects, k of them counted and marked 1..k.
+
+    mode "cls": half the states are done (k = N) and half not (0 <= k < N, uniform); an odd batch
+      gives the extra state to either side at random, so the split is 50/50 over steps.
+    mode "reg": only not-done states; the target is the next object, by `strategy`:
+      - "reading_order" (default): objects are counted in reading order (`reading_order`); the
+        marks are the first k and the single target is object k + 1. One right answer per state.
+      - "nearest": the counted objects are a random subset of k, marked 1..k in random order; every
+        uncounted object is a target and the loss is the distance to the nearest one (min over
+        targets), so the model is never pulled to a point between two valid objects.
+    """
+    if mode not in ("cls", "reg"):
+        raise ValueError(f"mode must be 'cls' or 'reg', got {mode!r}")
+    if strategy not in TARGET_STRATEGIES:
+        raise ValueError(f"strategy must be one of {TARGET_STRATEGIES}, got {strategy!r}")
+    n = len(samples)
+    if mode == "cls":
+        done_flags = np.array([True] * (n // 2) + [False] * (n // 2) + ([bool(rng.integers(2))] if n % 2 else []))
+        rng.shuffle(done_flags)
+    else:
+        done_flags = np.zeros(n, dtype=bool)
+
+    images, counted, candidates = [], [], []
+    for sample, done in zip(samples, done_flags):
+        width, height = sample.image.size
+        num = len(sample.points)
+        k = num if done else int(rng.integers(0, num))
+        if strategy == "reading_order":
+            order = reading_order(sample.points, sample.boxes, height)
+            next_idx = order[k:k + 1]
+        else:
+            order = rng.permutation(num)
+            next_idx = order[k:]
+        counted_px = sample.points[order[:k]]
+        images.append(draw_marks(sample.image, counted_px))
+        counted.append(normalize_points(counted_px, width, height))
+        candidates.append(normalize_points(sample.points[next_idx], width, height))
+
+    m = max(1, max(len(c) for c in candidates))
+    targets = torch.zeros(n, m, 2)
+    mask = torch.zeros(n, m, dtype=torch.bool)
+    for i, cand in enumerate(candidates):
+        targets[i, :len(cand)] = torch.from_numpy(cand)
+        mask[i, :len(cand)] = True
+    return CountingBatch(
+        mode=mode, ids=[s.id for s in samples], images=images, class_names=[s.class_name for s in samples],
+        counted=counted, num_objects=[len(s.points) for s in samples],
+        done=torch.from_numpy(done_flags.astype(np.float32)), targets=targets, target_mask=mask,
+        sizes=[s.image.size for s in samples],
+    )
+
+
+# ----------------------------------------------------------------------------- synthetic FSC-147
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "ring")
+COLOURS = {
+    "red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (240, 210, 40),
+    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
+           "diamond": "diamonds", "hexagon": "hexagons", "cross": "crosses", "ring": "rings"}
+
+
+@dataclass
+class SynthConfig:
+    out: str = "data/synth"  # folder to write the FSC-147 layout into
+    num_images: int = 200  # images over all splits (60% train, 20% val, 20% test)
+    seed: int = 0  # same seed, same files
+    min_objects: int = 1  # fewest objects in an image
+    max_objects: int = 10  # most objects in an image
+    image_height: int = 384  # FSC-147 stores images 384 pixels high
+    min_width: int = 384  # image widths are drawn uniformly in [min_width, max_width]
+    max_width: int = 576
+    num_classes: int = 12  # object classes (colour + shape), split 50/25/25 disjoint over train/val/test
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices of a polygonal shape of radius r centred at (cx, cy)."""
+    def ring(n, radii, offset=0.0):
+        return [(cx + radii[i % len(radii)] * math.cos(angle + offset + 2 * math.pi * i / n),
+                 cy + radii[i % len(radii)] * math.sin(angle + offset + 2 * math.pi * i / n)) for i in range(n)]
+
+    if shape == "square":
+        return ring(4, [r], math.pi / 4)
+    if shape == "triangle":
+        return ring(3, [r], -math.pi / 2)
+    if shape == "star":
+        return ring(10, [r, 0.45 * r], -math.pi / 2)
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.6 * r, cy), (cx, cy + r), (cx - 0.6 * r, cy)]
+    if shape == "hexagon":
+        return ring(6, [r])
+    if shape == "cross":
+        w = 0.35 * r
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    raise ValueError(shape)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, shape: str, colour, cx, cy, r, angle):
+    outline = tuple(max(0, v - 90) for v in colour)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline=outline, width=max(1, int(r / 8)))
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r / 3)))
+    else:
+        draw.polygon(_shape_polygon(shape, cx, cy, r, angle), fill=colour, outline=outline)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A textured background: a colour gradient plus low-frequency noise and stripes or speckle."""
+    base = rng.integers(60, 200, size=3).astype(np.float32)
+    other = rng.integers(60, 200, size=3).astype(np.float32)
+    t = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    img = base * (1 - t) + other * t + np.zeros((height, 1, 1), np.float32)
+    coarse = rng.normal(0, 18, size=(height // 32 + 2, width // 32 + 2, 3)).astype(np.float32)
+    coarse = np.kron(coarse, np.ones((32, 32, 1), np.float32))[:height, :width]
+    img += coarse
+    kind = rng.integers(3)
+    if kind == 1:  # stripes
+        period = rng.integers(8, 40)
+        yy = np.arange(height)[:, None, None]
+        img += 12 * np.sin(2 * np.pi * yy / period).astype(np.float32)
+    elif kind == 2:  # speckle
+        img += rng.normal(0, 12, size=img.shape).astype(np.float32)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def synth_classes(num_classes: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """Distinct (class name, shape, colour) triples, e.g. ("red stars", "star", "red")."""
+    combos = [(c, s) for s in SHAPES for c in COLOURS]
+    picks = rng.permutation(len(combos))[:num_classes]
+    return [(f"{combos[i][0]} {PLURALS[combos[i][1]]}", combos[i][1], combos[i][0]) for i in picks]
+
+
+def synth_image(rng: np.random.Generator, cfg: SynthConfig, shape: str, colour: str):
+    """One image with N non-overlapping objects of one class. Returns (image, points, boxes)."""
+    width = int(rng.integers(cfg.min_width, cfg.max_width + 1))
+    height = cfg.image_height
+    image = _background(rng, width, height)
+    draw = ImageDraw.Draw(image)
+    num = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    # Fewer objects -> larger objects, as photos of a few things are taken closer up.
+    area_per_object = width * height / max(num, 1)
+    r_max = min(0.22 * min(width, height), 0.3 * math.sqrt(area_per_object))
+    radius = float(rng.uniform(max(6.0, 0.6 * r_max), max(7.0, r_max)))
+    points = []
+    for _ in range(num):
+        for _attempt in range(200):
+            r = radius * float(rng.uniform(0.85, 1.15))
+            cx = float(rng.uniform(r + 2, width - r - 2))
+            cy = float(rng.uniform(r + 2, height - r - 2))
+            if all((cx - px) ** 2 + (cy - py) ** 2 > (r + pr + 4) ** 2 for px, py, pr in points):
+                points.append((cx, cy, r))
+                break
+    for cx, cy, r in points:
+        _draw_object(draw, shape, COLOURS[colour], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
+    pts = [[round(cx, 2), round(cy, 2)] for cx, cy, _ in points]
+    boxes = [[[cx - r, cy - r], [cx - r, cy + r], [cx + r, cy + r], [cx + r, cy - r]] for cx, cy, r in points[:3]]
+    boxes = [[[round(v, 2) for v in corner] for corner in box] for box in boxes]
+    return image, pts, boxes
+
+
+def write_synthetic_fsc147(cfg: SynthConfig) -> dict:
+    """Write images, annotations, splits (disjoint classes) and class file in the FSC-147 layout."""
+    rng = np.random.default_rng(cfg.seed)
+    classes = synth_classes(cfg.num_classes, rng)
+    n_train_cls = max(1, cfg.num_classes // 2)
+    n_val_cls = max(1, (cfg.num_classes - n_train_cls) // 2)
+    split_classes = {"train": classes[:n_train_cls], "val": classes[n_train_cls:n_train_cls + n_val_cls],
+                     "test": classes[n_train_cls + n_val_cls:]}
+    n_train = round(cfg.num_images * 0.6)
+    n_val = round(cfg.num_images * 0.2)
+    counts = {"train": n_train, "val": n_val, "test": cfg.num_images - n_train - n_val}
+    os.makedirs(os.path.join(cfg.out, IMAGE_DIR), exist_ok=True)
+    annotations, splits, class_lines = {}, {"train": [], "val": [], "test": [], "val_coco": [], "test_coco": []}, []
+    next_id = 2  # FSC-147 ids start at 2.jpg
+    for split in ("train", "val", "test"):
+        for i in range(counts[split]):
+            name, shape, colour = split_classes[split][i % len(split_classes[split])]
+            image, points, boxes = synth_image(rng, cfg, shape, colour)
+            image_id = f"{next_id}.jpg"
+            next_id += 1
+            image.save(os.path.join(cfg.out, IMAGE_DIR, image_id), quality=95)
+            annotations[image_id] = {
+                "H": image.height, "W": image.width, "ratio_h": 1.0, "ratio_w": 1.0,
+                "box_examples_coordinates": boxes, "box_examples_path": [],
+                "density_path": f"gt_density_map_adaptive_384_VarV2/{image_id[:-4]}.npy",
+                "img_path": f"{IMAGE_DIR}/{image_id}", "points": points,
+            }
+            splits[split].append(image_id)
+            class_lines.append(f"{image_id}\t{name}\n")
+    with open(os.path.join(cfg.out, ANNOTATION_FILE), "w", encoding="utf-8") as f:
+        json.dump(annotations, f)
+    with open(os.path.join(cfg.out, SPLIT_FILE), "w", encoding="utf-8") as f:
+        json.dump(splits, f, indent=1)
+    with open(os.path.join(cfg.out, CLASS_FILE), "w", encoding="utf-8") as f:
+        f.writelines(class_lines)
+    return {s: {"images": len(splits[s]), "classes": [c[0] for c in split_classes[s]]} for s in ("train", "val", "test")}
+
+
+def validate_synth(cfg: SynthConfig) -> list[str]:
+    """Every problem with a SynthConfig."""
+    errors = []
+    if cfg.num_images < 5:
+        errors.append(f"--num_images must be >= 5 (each split needs an image), got {cfg.num_images}")
+    if not 1 <= cfg.min_objects <= cfg.max_objects:
+        errors.append(f"need 1 <= --min_objects <= --max_objects, got {cfg.min_objects}, {cfg.max_objects}")
+    if cfg.max_objects > 400:
+        errors.append("--max_objects above 400 cannot be placed without overlap")
+    if cfg.image_height < 64 or not 64 <= cfg.min_width <= cfg.max_width:
+        errors.append("need --image_height >= 64 and 64 <= --min_width <= --max_width")
+    if not 3 <= cfg.num_classes <= len(SHAPES) * len(COLOURS):
+        errors.append(f"--num_classes must be in [3, {len(SHAPES) * len(COLOURS)}]")
+    return errors
+
+
+def main(argv=None) -> int:
+    from train_sequential_attention import parse_config  # shared dataclass -> CLI builder
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("synth", help="write a synthetic dataset in the FSC-147 layout", add_help=False)
+    check = sub.add_parser("check", help="parse a dataset and report usable and skipped images")
+    check.add_argument("--data_root", required=True, help="FSC-147 root folder")
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.command == "synth":
+        cfg = parse_config(SynthConfig, rest, "Write a synthetic dataset in the FSC-147 layout.", validate_synth,
+                           prog="dataset_fsc147.py synth")
+        summary = write_synthetic_fsc147(cfg)
+        print(f"Wrote synthetic FSC-147 to {cfg.out}")
+        for split, info in summary.items():
+            print(f"  {split:5s}: {info['images']:4d} images, classes: {', '.join(info['classes'])}")
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        for split in ("train", "val", "test"):
+            ds = FSC147Dataset(args.data_root, split)
+            counts = [len(e["points"]) for e in ds.entries]
+            print(f"{split:5s}: {len(ds):5d} images, {ds.num_skipped} skipped, {len({e['class_name'] for e in ds.entries})}"
+                  f" classes, objects per image {min(counts)}..{max(counts)} (mean {np.mean(counts):.1f})")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

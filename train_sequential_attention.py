@@ -1,0 +1,595 @@
+"""Train the sequential counter: alternating done/not-done (cls) and next-object (reg) steps.
+
+Tiny CPU run (synthetic data + tiny random Qwen2-VL, the real 4-bit QLoRA path; what `make demo` does):
+    python dataset_fsc147.py synth --out demo/data --num_images 120
+    python tiny_qwen2vl.py --out demo/tiny-qwen2vl
+    python train_sequential_attention.py --data_root demo/data --model_name_or_path demo/tiny-qwen2vl \
+        --max_steps 200 --batch_size 8 --lr 3e-4 --warmup_steps 20 --output_dir runs/demo
+
+One GPU, FSC-147 and Qwen2-VL-2B-Instruct (or ./run_sequential_attention.sh):
+    python train_sequential_attention.py --data_root /path/FSC147 --batch_size 2 --epochs 10 \
+        --lr 5e-5 --load_in_4bit
+
+Several GPUs: `accelerate launch` is not supported yet (see the README); run one process per GPU.
+
+Writes OUTPUT_DIR/config.json, OUTPUT_DIR/metrics.jsonl, OUTPUT_DIR/checkpoint-<step>/, checkpoint-last/
+and an offline W&B run under OUTPUT_DIR/wandb unless WANDB_API_KEY is set (then online).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, UsageError, collate_samples, prepare_batch
+from model_sequential_simple import SPECIAL_TOKENS, SimpleSequentialModel, compute_loss
+
+logger = logging.getLogger("train")
+
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+HEADS_FILE = "heads.safetensors"
+STATE_FILE = "training_state.pt"
+MODEL_TYPES = ("simple", "attention")
+
+
+def arg(default, help: str):
+    """A config field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_root: str = arg("", "FSC-147 root (images_384_VarV2/, annotation_FSC147_384.json, splits, classes)")
+    train_split: str = arg("train", "split to train on")
+    val_split: str = arg("val", "split for validation losses")
+    max_train_images: int = arg(0, "use only the first N training images (0: all)")
+    target_strategy: str = arg("reading_order", "which object is 'next': reading_order (single target, "
+                               "rows top to bottom, left to right) or nearest (loss to the nearest uncounted object)")
+    # model
+    model_name_or_path: str = arg("Qwen/Qwen2-VL-2B-Instruct", "hub id or local folder of a Qwen2-VL model")
+    model_type: str = arg("simple", "simple (VLM features into the heads) or attention (not available yet)")
+    load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation, bf16 compute) + LoRA (QLoRA)")
+    lora_r: int = arg(16, "LoRA rank")
+    lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = arg(0.05, "LoRA dropout")
+    lora_target_modules: str = arg(DEFAULT_LORA_TARGETS, "comma-separated module names that get LoRA")
+    head_hidden: int = arg(256, "hidden width of the x_head, y_head and done_head MLPs")
+    min_pixels: int = arg(64 * 28 * 28, "processor lower bound on image pixels (dynamic resolution)")
+    max_pixels: int = arg(512 * 28 * 28, "processor upper bound on image pixels; FSC-147 images are ~384x576")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save GPU memory")
+    # optimisation
+    batch_size: int = arg(2, "counting states per micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    epochs: int = arg(10, "passes over the training images (ignored when --max_steps > 0)")
+    max_steps: int = arg(0, "optimizer steps to run (0: derived from --epochs)")
+    lr: float = arg(5e-5, "learning rate, the same for every trainable parameter (LoRA, heads, token rows)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    warmup_steps: int = arg(0, "linear warmup steps")
+    lr_schedule: str = arg("cosine", "cosine (decay to 10% after warmup) or constant")
+    grad_clip: float = arg(1.0, "clip the global grad norm to this (0: no clipping)")
+    seed: int = arg(42, "seed for weights of the heads, data order and counting states")
+    # loop
+    output_dir: str = arg("runs/sequential", "run folder: config.json, metrics.jsonl, checkpoints, wandb/")
+    log_every: int = arg(1, "log training metrics every N optimizer steps")
+    eval_every: int = arg(100, "validation losses every N optimizer steps (0: only at the end)")
+    eval_states: int = arg(32, "fixed validation counting states per mode (cls and reg)")
+    save_every: int = arg(500, "write checkpoint-<step> every N optimizer steps (0: only at the end)")
+    grad_check_every: int = arg(50, "print the seed's gradient check every N steps of the first epoch")
+    num_workers: int = arg(2, "DataLoader worker processes decoding images")
+    device: str = arg("auto", "auto (cuda if available), cuda or cpu")
+    wandb_project: str = arg("sequential-counting", "W&B project")
+    wandb_mode: str = arg("", "online, offline or disabled (default: online if WANDB_API_KEY is set, else offline)")
+    wandb_run_name: str = arg("", "W&B run name (default: the output folder's name)")
+
+
+def validate_train_config(cfg: TrainConfig) -> list[str]:
+    """Every problem with the config at once."""
+    errors = []
+    if not cfg.data_root:
+        errors.append("--data_root is required")
+    if cfg.model_type not in MODEL_TYPES:
+        errors.append(f"--model_type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
+    if cfg.target_strategy not in TARGET_STRATEGIES:
+        errors.append(f"--target_strategy must be one of {TARGET_STRATEGIES}, got {cfg.target_strategy!r}")
+    for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "head_hidden", "log_every", "eval_states"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "save_every", "num_workers",
+                 "max_train_images", "grad_check_every"):
+        if getattr(cfg, name) < 0:
+            errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.epochs == 0 and cfg.max_steps == 0:
+        errors.append("one of --epochs or --max_steps must be > 0")
+    if not (0 < cfg.lr < 1):
+        errors.append(f"--lr must be in (0, 1), got {cfg.lr}")
+    if not 0 <= cfg.lora_dropout < 1:
+        errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
+        errors.append("--grad_clip and --weight_decay must be >= 0")
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        errors.append(f"--lr_schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+    if not 0 < cfg.min_pixels <= cfg.max_pixels:
+        errors.append("--min_pixels must be positive and <= --max_pixels")
+    if cfg.wandb_mode not in ("", "online", "offline", "disabled"):
+        errors.append(f"--wandb_mode must be online, offline or disabled, got {cfg.wandb_mode!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        errors.append(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
+        errors.append("--lora_target_modules must name at least one module")
+    return errors
+
+
+# ----------------------------------------------------------------------------- config <-> CLI
+
+
+def build_parser(cls, description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """argparse parser with one --flag per dataclass field; bools get --flag / --no-flag."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%")
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
+    return parser
+
+
+def parse_config(cls, argv, description: str, validate=None, prog: str | None = None):
+    """Parse argv into a `cls` dataclass; unknown flags and every validation problem are errors."""
+    parser = build_parser(cls, description, prog)
+    cfg = cls(**vars(parser.parse_args(argv)))
+    errors = validate(cfg) if validate else []
+    if errors:
+        parser.error("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def config_from_dict(cls, data: dict):
+    """Dataclass from a saved config.json, ignoring keys this version does not know."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_json_atomic(path: str, data) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def load_processor(path: str, cfg: TrainConfig):
+    """The model's processor with the image pixel bounds of the config and the three new tokens."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load a processor from {path!r}: not a local model folder and not "
+                         f"reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # transformers 5 reads the bounds into `size`; set both so any version honours the config.
+    image_processor = processor.image_processor
+    image_processor.min_pixels, image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
+    if isinstance(getattr(image_processor, "size", None), dict):
+        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)},
+                                           replace_extra_special_tokens=False)
+    return processor
+
+
+def load_backbone(cfg: TrainConfig, device: torch.device):
+    """Qwen2-VL from the hub or a folder, optionally 4-bit NF4 prepared for k-bit training."""
+    from transformers import BitsAndBytesConfig, Qwen2VLForConditionalGeneration
+
+    kwargs = {}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    else:
+        kwargs["dtype"] = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.model_name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load a Qwen2-VL model from {cfg.model_name_or_path!r}: not a local model "
+                         f"folder and not reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if cfg.load_in_4bit:
+        import bitsandbytes as bnb
+        from peft import prepare_model_for_kbit_training
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                # bitsandbytes repacks 4-bit weights for CPU inference the first time a layer runs in
+                # eval mode without grad, and that packed form then breaks backward: keep one format.
+                module.support_avx512bf16_for_cpu = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        model = model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+    return model
+
+
+def build_model(cfg: TrainConfig, adapter_path: str | None = None, trainable: bool = True):
+    """Processor + backbone + LoRA (new, or loaded from `adapter_path`) + heads, on the device."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.model_type != "simple":
+        raise UsageError("--model_type attention is not available yet (issue: the sequential-attention "
+                         "model); use --model_type simple")
+    device = resolve_device(cfg)
+    processor = load_processor(adapter_path or cfg.model_name_or_path, cfg)
+    backbone = load_backbone(cfg, device)
+    if len(processor.tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
+        backbone.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    if adapter_path:
+        backbone = PeftModel.from_pretrained(backbone, adapter_path, is_trainable=trainable)
+    else:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=[m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()],
+                          bias="none")
+        try:
+            backbone = get_peft_model(backbone, lora)
+        except ValueError as e:
+            raise UsageError(f"--lora_target_modules {cfg.lora_target_modules!r}: {e}") from None
+    torch.manual_seed(cfg.seed)  # heads start the same for the same seed
+    model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden)
+    model.x_head.to(device), model.y_head.to(device), model.done_head.to(device)
+    model.token_embeddings.to(device)
+    return model
+
+
+def model_inputs(model, batch, device) -> dict[str, torch.Tensor]:
+    """Processor inputs for a CountingBatch, on the device."""
+    inputs = model.build_inputs(batch.images, batch.class_names)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def device_of(model) -> torch.device:
+    return model.x_head.fc1.weight.device
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_data(cfg: TrainConfig):
+    """Training and validation datasets (FSC147Dataset) of the configured splits."""
+    train = FSC147Dataset(cfg.data_root, cfg.train_split, max_images=cfg.max_train_images)
+    val = FSC147Dataset(cfg.data_root, cfg.val_split)
+    return train, val
+
+
+def build_loader(cfg: TrainConfig, dataset, epoch: int) -> torch.utils.data.DataLoader:
+    """Shuffled loader of raw samples; counting states are made per step by `prepare_batch`."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) >= cfg.batch_size,
+        collate_fn=collate_samples, num_workers=cfg.num_workers, generator=generator,
+        persistent_workers=False)
+
+
+def fixed_val_batches(cfg: TrainConfig, dataset) -> list:
+    """The same validation counting states at every evaluation: cls and reg batches."""
+    rng = np.random.default_rng(cfg.seed + 12345)
+    samples = [s for s in (dataset[i] for i in range(min(cfg.eval_states, len(dataset)))) if s is not None]
+    batches = []
+    for mode in ("cls", "reg"):
+        for i in range(0, len(samples), cfg.batch_size):
+            batches.append(prepare_batch(samples[i:i + cfg.batch_size], mode, rng, cfg.target_strategy))
+    return batches
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(cfg: TrainConfig, model, total_steps: int):
+    """AdamW with one learning rate for every trainable parameter, warmup + cosine/constant."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def grad_norms(model) -> dict[str, float]:
+    """L2 norm of the gradient of each module group (0.0 when it got none)."""
+    norms = {}
+    for name, params in model.module_groups().items():
+        sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in params if p.grad is not None)
+        norms[name] = math.sqrt(sq)
+    return norms
+
+
+def step_mode(step: int) -> str:
+    """Optimizer steps alternate: even steps classify done / not done, odd steps regress x, y."""
+    return "cls" if step % 2 == 0 else "reg"
+
+
+def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: list, mode: str) -> dict:
+    """One optimizer step over `micro_batches` (all of one mode). Returns loss and grad norms."""
+    device = device_of(model)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, n_states = 0.0, 0
+    for batch in micro_batches:
+        outputs = model(model_inputs(model, batch, device), counted=batch.counted)
+        loss = compute_loss(outputs, batch.done.to(device), batch.targets.to(device),
+                            batch.target_mask.to(device), mode)
+        (loss / len(micro_batches)).backward()
+        total_loss += float(loss.detach()) / len(micro_batches)
+        n_states += len(batch)
+    norms = grad_norms(model)  # before clipping: what the loss actually sent to each module
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    return {"loss": total_loss, "grad_norms": norms, "grad_norm_total": float(total), "states": n_states}
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, model, val_batches: list) -> dict:
+    """Validation losses on fixed states: loss_cls, loss_reg, done accuracy, mean |xy error|."""
+    device = device_of(model)
+    model.eval()
+    sums = {"cls": [0.0, 0], "reg": [0.0, 0]}
+    correct, total, abs_err = 0, 0, 0.0
+    for batch in val_batches:
+        out = model(model_inputs(model, batch, device), counted=batch.counted)
+        loss = compute_loss(out, batch.done.to(device), batch.targets.to(device), batch.target_mask.to(device),
+                            batch.mode)
+        sums[batch.mode][0] += float(loss) * len(batch)
+        sums[batch.mode][1] += len(batch)
+        if batch.mode == "cls":
+            correct += int(((out["done_logit"] > 0).float().cpu() == batch.done).sum())
+            total += len(batch)
+        else:
+            abs_err += float((torch.stack([out["x"], out["y"]], -1).cpu() - batch.targets[:, 0]).abs().mean(-1).sum())
+    model.train()
+    return {
+        "val/loss_cls": sums["cls"][0] / max(1, sums["cls"][1]),
+        "val/loss_reg": sums["reg"][0] / max(1, sums["reg"][1]),
+        "val/done_acc": correct / max(1, total),
+        "val/xy_abs_err": abs_err / max(1, sums["reg"][1]),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, step: int, epoch: int, name: str) -> str:
+    """Write OUTPUT_DIR/<name>/ atomically: adapter, heads + token rows, processor, config, state."""
+    from safetensors.torch import save_file
+
+    final = os.path.join(cfg.output_dir, name)
+    tmp = os.path.join(cfg.output_dir, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.backbone.save_pretrained(tmp)
+    save_file(model.head_state_dict(), os.path.join(tmp, HEADS_FILE))
+    model.processor.save_pretrained(tmp)
+    write_json_atomic(os.path.join(tmp, "config.json"), asdict(cfg))
+    torch.save({"step": step, "epoch": epoch, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, os.path.join(tmp, STATE_FILE))
+    old = os.path.join(cfg.output_dir, f".old-{name}")
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)  # the previous checkpoint survives until the new one is in place
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, **overrides):
+    """Rebuild a model from a checkpoint folder; returns (model, config)."""
+    from safetensors.torch import load_file
+
+    required = ("config.json", HEADS_FILE, "adapter_config.json")
+    if not os.path.isdir(path):
+        raise UsageError(f"checkpoint {path!r} is not a folder")
+    missing = [f for f in required if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise UsageError(f"{path} is not a checkpoint of this project: missing {', '.join(missing)}")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = config_from_dict(TrainConfig, json.load(f))
+    cfg = dataclasses.replace(cfg, device=device, **overrides)
+    model = build_model(cfg, adapter_path=path, trainable=trainable)
+    model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
+    model.eval()
+    return model, cfg
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per event, each with `step`) + W&B."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.run = init_wandb(cfg)
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **metrics}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def init_wandb(cfg: TrainConfig):
+    """W&B run in the run folder; offline unless WANDB_API_KEY is set or --wandb_mode says otherwise."""
+    mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
+                      dir=cfg.output_dir, mode=mode, config=asdict(cfg))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def print_grad_check(mode: str, norms: dict[str, float]) -> None:
+    """The seed's first-epoch check: > 0.1 good, < 1e-3 vanishing, 0 disconnected."""
+    names = ["done_head"] if mode == "cls" else ["x_head", "y_head"]
+    print(f"[Gradient Check - {'Classification' if mode == 'cls' else 'Regression'}]")
+    for name in names + ["token_embeddings", "lora"]:
+        print(f"  {name}: {norms[name]:.4f}  ({grad_verdict(norms[name])})")
+
+
+def grad_verdict(norm: float) -> str:
+    if norm == 0.0:
+        return "DISCONNECTED"
+    if norm < 1e-3:
+        return "vanishing"
+    return "good" if norm > 0.1 else "ok"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def train(cfg: TrainConfig) -> dict:
+    """The training loop. Returns a summary (steps, final metrics, paths)."""
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
+    print("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()))
+
+    train_ds, val_ds = build_data(cfg)
+    print(f"Data: {len(train_ds)} train images ({train_ds.num_skipped} skipped), "
+          f"{len(val_ds)} val images ({val_ds.num_skipped} skipped)")
+    model = build_model(cfg)
+    device = device_of(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"Model: {cfg.model_name_or_path} on {device}, 4-bit={cfg.load_in_4bit}, {n_trainable:,} trainable parameters")
+
+    batches_per_epoch = max(1, len(train_ds) // cfg.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+    val_batches = fixed_val_batches(cfg, val_ds)
+    metrics = MetricsLogger(cfg)
+    metrics.log(0, {"event": "start", "train_images": len(train_ds), "val_images": len(val_ds),
+                    "train_skipped": train_ds.num_skipped, "val_skipped": val_ds.num_skipped,
+                    "total_steps": total_steps, "trainable_params": n_trainable})
+
+    from tqdm.auto import tqdm
+
+    step, epoch, last_eval = 0, 0, {}
+    skipped_images = 0
+    progress = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+    checked = set()
+    while step < total_steps:
+        pending = []
+        for samples in build_loader(cfg, train_ds, epoch):
+            skipped_images += cfg.batch_size - len(samples) if len(train_ds) >= cfg.batch_size else 0
+            if not samples:
+                continue
+            mode = step_mode(step)
+            rng = np.random.default_rng([cfg.seed, step, len(pending)])
+            pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy))
+            if len(pending) < cfg.grad_accum:
+                continue
+            t0 = time.perf_counter()
+            result = train_step(cfg, model, optimizer, scheduler, pending, mode)
+            pending = []
+            step += 1
+            elapsed = time.perf_counter() - t0
+            if not math.isfinite(result["loss"]):
+                raise RuntimeError(f"non-finite loss at step {step}; see the README's debugging guide (lower --lr)")
+            if epoch == 0 and (mode not in checked or (cfg.grad_check_every and step % cfg.grad_check_every == 0)):
+                checked.add(mode)
+                print_grad_check(mode, result["grad_norms"])
+            if step % cfg.log_every == 0 or step == total_steps:
+                record = {"epoch": epoch, "mode": mode, f"loss_{mode}": result["loss"],
+                          **{f"grad_norm/{k}": v for k, v in result["grad_norms"].items()},
+                          "grad_norm/total": result["grad_norm_total"], "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": result["states"] / elapsed, "peak_mem_mb": peak_memory_mb(device),
+                          "skipped_images": skipped_images}
+                metrics.log(step, record)
+            progress.update(1)
+            progress.set_postfix({f"loss_{mode}": f"{result['loss']:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+                last_eval = evaluate(cfg, model, val_batches)
+                metrics.log(step, {"event": "eval", **last_eval})
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                path = save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, f"checkpoint-{step}")
+                save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, "checkpoint-last")
+                tqdm.write(f"saved {path}")
+            if step >= total_steps:
+                break
+        epoch += 1
+    progress.close()
+    final = save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, f"checkpoint-{step}")
+    save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, "checkpoint-last")
+    metrics.log(step, {"event": "end", "skipped_images": skipped_images, **last_eval})
+    metrics.finish()
+    return {"steps": step, "checkpoint": final, "output_dir": cfg.output_dir, "eval": last_eval}
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(TrainConfig, argv, __doc__, validate_train_config)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = train(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = os.path.abspath(summary["output_dir"])
+    print(f"\nDone: {summary['steps']} steps.")
+    print(f"  run folder:  {out}")
+    print(f"  metrics:     {os.path.join(out, 'metrics.jsonl')}")
+    print(f"  checkpoints: {os.path.abspath(summary['checkpoint'])} and {os.path.join(out, 'checkpoint-last')}")
+    if os.path.isdir(os.path.join(out, "wandb")):
+        print(f"  W&B run:     {os.path.join(out, 'wandb')} (offline runs: `wandb sync {os.path.join(out, 'wandb')}/offline-run-*`)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
