@@ -11,11 +11,12 @@ that; so the 4-bit QLoRA path runs on CPU too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+
+from train_sequential_attention import arg, parse_config
 
 # Words the tiny tokenizer's merges are learned from: the prompt, the chat template and class names.
 _CORPUS = [
@@ -55,15 +56,15 @@ SPECIAL_TOKENS = [
 
 @dataclass
 class TinyConfig:
-    out: str = "models/tiny-qwen2vl"  # folder to write config, weights and processor into
-    seed: int = 0  # weight initialisation seed; same seed, same weights
-    vision_width: int = 128  # vision encoder embed_dim (multiple of 64 for CPU 4-bit)
-    vision_depth: int = 2  # vision transformer blocks
-    text_width: int = 128  # language model hidden_size (multiple of 64)
-    text_layers: int = 2  # language model decoder layers
-    bpe_vocab: int = 400  # size of the locally trained byte-level BPE vocabulary
-    min_pixels: int = 56 * 56  # processor default lower bound on image pixels
-    max_pixels: int = 224 * 224  # processor default upper bound on image pixels (small for CPU)
+    out: str = arg("models/tiny-qwen2vl", "folder to write config, weights and processor into")
+    seed: int = arg(0, "weight initialisation seed; same seed, same weights")
+    vision_width: int = arg(128, "vision encoder embed_dim (multiple of 64 for CPU 4-bit)")
+    vision_depth: int = arg(2, "vision transformer blocks")
+    text_width: int = arg(128, "language model hidden_size (multiple of 64)")
+    text_layers: int = arg(2, "language model decoder layers")
+    bpe_vocab: int = arg(400, "size of the locally trained byte-level BPE vocabulary")
+    min_pixels: int = arg(56 * 56, "processor default lower bound on image pixels")
+    max_pixels: int = arg(224 * 224, "processor default upper bound on image pixels (small for CPU)")
 
 
 def validate(cfg: TinyConfig) -> list[str]:
@@ -170,33 +171,8 @@ def build_tiny_qwen2vl(cfg: TinyConfig) -> str:
     return cfg.out
 
 
-def parse_args(argv=None) -> TinyConfig:
-    """CLI built from TinyConfig: one flag per field."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = _field_comments()
-    for f in fields(TinyConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                            help=f"{comments.get(f.name, '')} (default: {f.default})")
-    cfg = TinyConfig(**vars(parser.parse_args(argv)))
-    errors = validate(cfg)
-    if errors:
-        parser.error("\n  " + "\n  ".join(errors))
-    return cfg
-
-
-def _field_comments() -> dict[str, str]:
-    """The `# comment` after each TinyConfig field, used as its --help text."""
-    import inspect
-
-    out = {}
-    for line in inspect.getsource(TinyConfig).splitlines():
-        if ":" in line and "#" in line and "=" in line:
-            out[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
-    return out
-
-
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse_config(TinyConfig, argv, __doc__, validate)
     path = build_tiny_qwen2vl(cfg)
     print(f"Saved tiny Qwen2-VL to {path}")
     return 0

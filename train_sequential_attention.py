@@ -490,6 +490,23 @@ def grad_verdict(norm: float) -> str:
     return "good" if norm > 0.1 else "ok"
 
 
+def loss_trend(metrics_path: str) -> dict[str, tuple[float, float]]:
+    """Mean training loss over the first and the last fifth of logged steps, per mode."""
+    losses = {"cls": [], "reg": []}
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            for mode in losses:
+                if f"loss_{mode}" in record and record.get("event") is None:
+                    losses[mode].append(record[f"loss_{mode}"])
+    trend = {}
+    for mode, values in losses.items():
+        if len(values) >= 5:
+            fifth = len(values) // 5
+            trend[mode] = (float(np.mean(values[:fifth])), float(np.mean(values[-fifth:])))
+    return trend
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -585,6 +602,11 @@ def main(argv=None) -> int:
     print(f"\nDone: {summary['steps']} steps.")
     print(f"  run folder:  {out}")
     print(f"  metrics:     {os.path.join(out, 'metrics.jsonl')}")
+    for mode, (first, last) in loss_trend(os.path.join(out, "metrics.jsonl")).items():
+        print(f"  loss_{mode}:    first fifth of steps {first:.4f} -> last fifth {last:.4f}"
+              f" ({'lower' if last < first else 'NOT lower'})")
+    if summary["eval"]:
+        print("  validation:  " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
     print(f"  checkpoints: {os.path.abspath(summary['checkpoint'])} and {os.path.join(out, 'checkpoint-last')}")
     if os.path.isdir(os.path.join(out, "wandb")):
         print(f"  W&B run:     {os.path.join(out, 'wandb')} (offline runs: `wandb sync {os.path.join(out, 'wandb')}/offline-run-*`)")

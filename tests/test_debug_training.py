@@ -1,0 +1,40 @@
+"""debug_training.py: the PASS/FAIL diagnostic."""
+
+import dataclasses
+
+import debug_training
+
+
+def test_debug_tiny_passes(capsys):
+    assert debug_training.main(["--tiny"]) == 0
+    out = capsys.readouterr().out
+    for check in ("normalisation round trip", "gradient x_head", "gradient done_head", "gradient lora",
+                  "gradient token_embeddings", "loss direction", "done signal varies", "predictions not stuck"):
+        assert check in out
+    assert "0 failed" in out
+
+
+def test_debug_fails_when_a_module_is_disconnected(train_config, monkeypatch, capsys):
+    real_build = debug_training.build_model
+
+    def build_with_frozen_done_head(cfg):
+        model = real_build(cfg)
+        for p in model.done_head.parameters():  # cut done_head off: its gradient is exactly 0
+            p.requires_grad_(False)
+        return model
+
+    monkeypatch.setattr(debug_training, "build_model", build_with_frozen_done_head)
+    cfg = debug_training.DebugConfig(**dataclasses.asdict(train_config))
+    report = debug_training.run_checks(cfg)
+    report.print()
+    assert not report.ok
+    assert "gradient done_head" in [name for name, ok, _ in report.rows if not ok]
+    assert "DISCONNECTED" in capsys.readouterr().out
+
+
+def test_debug_needs_data_root_without_tiny(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        debug_training.main([])
+    assert "--tiny" in capsys.readouterr().err
