@@ -11,7 +11,6 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -m pip install -r requirements.txt
 	touch $(STAMP)
 

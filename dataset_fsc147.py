@@ -3,6 +3,7 @@
     python dataset_fsc147.py synth --out data/synth --num_images 200 --seed 0     # FSC-147 layout
     python dataset_fsc147.py synth --out data/synth --num_images 60 --max_objects 6 --image_height 384
     python dataset_fsc147.py check --data_root /path/FSC147                       # parse + report skips
+    python dataset_fsc147.py show --data_root DIR --index 0 --k 3 --out state.png  # a marked counting state
 
 Layout read (and written by `synth`), as published with FSC-147:
     DATA_ROOT/images_384_VarV2/<id>.jpg         images resized to height 384
@@ -517,6 +518,21 @@ def validate_synth(cfg: SynthConfig) -> list[str]:
     return errors
 
 
+def show_state(root: str, split: str, index: int, k: int, out: str) -> int:
+    """Write one counting state: the image with its first k objects (reading order) marked."""
+    ds = FSC147Dataset(root, split)
+    if not 0 <= index < len(ds):
+        raise UsageError(f"--index must be in [0, {len(ds) - 1}] for split {split!r}, got {index}")
+    sample = ds[index]
+    if sample is None:
+        raise UsageError(f"image {ds.entries[index]['id']} of split {split!r} could not be read")
+    order = reading_order(sample.points, sample.boxes, sample.image.height)
+    k = len(order) if k < 0 else min(k, len(order))
+    draw_marks(sample.image, sample.points[order[:k]]).save(out)
+    print(f"{out}: {sample.id} ({sample.class_name}), {k} of {len(order)} objects marked")
+    return 0
+
+
 def main(argv=None) -> int:
     from train_sequential_attention import parse_config  # shared dataclass -> CLI builder
 
@@ -525,6 +541,12 @@ def main(argv=None) -> int:
     sub.add_parser("synth", help="write a synthetic dataset in the FSC-147 layout", add_help=False)
     check = sub.add_parser("check", help="parse a dataset and report usable and skipped images")
     check.add_argument("--data_root", required=True, help="FSC-147 root folder")
+    show = sub.add_parser("show", help="write the image of one counting state (first k objects marked) as PNG")
+    show.add_argument("--data_root", required=True, help="FSC-147 root folder")
+    show.add_argument("--split", default="train", help="split to take the image from (default: train)")
+    show.add_argument("--index", type=int, default=0, help="image index within the split (default: 0)")
+    show.add_argument("--k", type=int, default=-1, help="objects to mark, in reading order (default: all)")
+    show.add_argument("--out", required=True, help="PNG file to write")
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "synth":
@@ -538,6 +560,8 @@ def main(argv=None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.command == "show":
+            return show_state(args.data_root, args.split, args.index, args.k, args.out)
         for split in ("train", "val", "test"):
             ds = FSC147Dataset(args.data_root, split)
             counts = [len(e["points"]) for e in ds.entries]

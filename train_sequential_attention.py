@@ -189,15 +189,14 @@ def load_processor(path: str, cfg: TrainConfig):
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load a processor from {path!r}: not a local model folder and not "
                          f"reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    # transformers 5 reads the bounds into `size`; set both so any version honours the config.
-    image_processor = processor.image_processor
-    image_processor.min_pixels, image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
-    if isinstance(getattr(image_processor, "size", None), dict):
-        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    if not hasattr(processor, "image_processor") or not hasattr(processor.image_processor, "size"):
+        raise UsageError(f"{path}: the processor is not a Qwen2-VL image+text processor")
+    # Dynamic resolution: the processor resizes each image to between min_pixels and max_pixels.
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
     processor.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)},
                                            replace_extra_special_tokens=False)
     return processor
@@ -476,10 +475,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def print_grad_check(mode: str, norms: dict[str, float]) -> None:
     """The seed's first-epoch check: > 0.1 good, < 1e-3 vanishing, 0 disconnected."""
+    from tqdm.auto import tqdm
+
     names = ["done_head"] if mode == "cls" else ["x_head", "y_head"]
-    print(f"[Gradient Check - {'Classification' if mode == 'cls' else 'Regression'}]")
-    for name in names + ["token_embeddings", "lora"]:
-        print(f"  {name}: {norms[name]:.4f}  ({grad_verdict(norms[name])})")
+    lines = [f"[Gradient Check - {'Classification' if mode == 'cls' else 'Regression'}]"]
+    lines += [f"  {name}: {norms[name]:.4f}  ({grad_verdict(norms[name])})" for name in names + ["token_embeddings", "lora"]]
+    tqdm.write("\n".join(lines))
 
 
 def grad_verdict(norm: float) -> str:
