@@ -35,6 +35,7 @@ demo() {
         --data_root "$DEMO_DIR/data" --model_name_or_path "$DEMO_DIR/tiny-qwen2vl" --model_type "$MODEL_TYPE" \
         --load_in_4bit --batch_size 8 --max_steps "$DEMO_STEPS" --lr "$DEMO_LR" --warmup_steps 30 \
         --min_pixels 3136 --max_pixels 50176 --eval_every 100 --save_every 300 --num_workers 1 \
+        --eval_images 16 --max_count 20 \
         --output_dir runs/demo --wandb_mode offline --wandb_project "$WANDB_PROJECT" "$@"
 }
 

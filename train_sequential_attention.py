@@ -87,6 +87,10 @@ class TrainConfig:
     log_every: int = arg(1, "log training metrics every N optimizer steps")
     eval_every: int = arg(100, "validation losses every N optimizer steps (0: only at the end)")
     eval_states: int = arg(32, "fixed validation counting states per mode (cls and reg)")
+    eval_images: int = arg(16, "val images counted with the full loop at each evaluation; best MAE -> checkpoint-best (0: off)")
+    eval_overlays: int = arg(4, "overlay images (predicted marks | ground truth) logged to W&B per evaluation")
+    max_count: int = arg(500, "counting loop: stop an image after this many points")
+    done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this")
     save_every: int = arg(500, "write checkpoint-<step> every N optimizer steps (0: only at the end)")
     grad_check_every: int = arg(50, "print the seed's gradient check every N steps of the first epoch")
     num_workers: int = arg(2, "DataLoader worker processes decoding images")
@@ -109,7 +113,7 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "save_every", "num_workers",
-                 "max_train_images", "grad_check_every"):
+                 "max_train_images", "grad_check_every", "eval_images", "eval_overlays"):
         if getattr(cfg, name) < 0:
             errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.epochs == 0 and cfg.max_steps == 0:
@@ -118,6 +122,10 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append(f"--lr must be in (0, 1), got {cfg.lr}")
     if not 0 <= cfg.lora_dropout < 1:
         errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.max_count < 1:
+        errors.append(f"--max_count must be >= 1, got {cfg.max_count}")
+    if not 0 < cfg.done_threshold < 1:
+        errors.append(f"--done_threshold must be in (0, 1), got {cfg.done_threshold}")
     if cfg.grad_clip < 0 or cfg.weight_decay < 0:
         errors.append("--grad_clip and --weight_decay must be >= 0")
     if cfg.lr_schedule not in ("cosine", "constant"):
@@ -389,6 +397,21 @@ def evaluate(cfg: TrainConfig, model, val_batches: list) -> dict:
     }
 
 
+def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
+    """The full counting loop on the first --eval_images val images: count MAE/RMSE/F1 (+ W&B overlays)."""
+    from evaluate_counting import count_dataset, overlay
+
+    _, summary, samples, results = count_dataset(model, val_ds, cfg.batch_size, cfg.done_threshold, cfg.max_count,
+                                                 max_images=cfg.eval_images, progress=False)
+    model.train()
+    if run is not None and cfg.eval_overlays:
+        import wandb
+
+        run.log({"val/overlays": [wandb.Image(overlay(s, r), caption=f"{s.id} {s.class_name}: pred {r.count} gt {len(s.points)}")
+                                  for s, r in list(zip(samples, results))[:cfg.eval_overlays]]}, commit=False)
+    return {f"val/count_{k}": summary[k] for k in ("mae", "rmse", "nae", "f1", "n_capped", "images_per_s")}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -538,7 +561,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from tqdm.auto import tqdm
 
-    step, epoch, last_eval = 0, 0, {}
+    step, epoch, last_eval, best_mae = 0, 0, {}, float("inf")
     skipped_images = 0
     progress = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
     checked = set()
@@ -574,6 +597,12 @@ def train(cfg: TrainConfig) -> dict:
             progress.set_postfix({f"loss_{mode}": f"{result['loss']:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
                 last_eval = evaluate(cfg, model, val_batches)
+                if cfg.eval_images:
+                    last_eval.update(evaluate_counting_subset(cfg, model, val_ds, metrics.run))
+                    if last_eval["val/count_mae"] < best_mae:
+                        best_mae = last_eval["val/count_mae"]
+                        save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, "checkpoint-best")
+                        tqdm.write(f"new best val count MAE {best_mae:.3f}: saved checkpoint-best")
                 metrics.log(step, {"event": "eval", **last_eval})
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:

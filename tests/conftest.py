@@ -50,3 +50,17 @@ def tiny_model(train_config):
     from train_sequential_attention import build_model
 
     return build_model(train_config)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, synth_root):
+    """A few training steps with counting evaluation; its run folder (checkpoint-best included)."""
+    from train_sequential_attention import main
+
+    out = str(tmp_path_factory.mktemp("run") / "run")
+    code = main(["--data_root", synth_root, "--model_name_or_path", tiny_model_dir, "--max_steps", "6",
+                 "--batch_size", "4", "--lr", "3e-4", "--eval_every", "3", "--save_every", "4",
+                 "--eval_states", "4", "--eval_images", "3", "--max_count", "5", "--num_workers", "0",
+                 "--wandb_mode", "offline", "--output_dir", out, *TINY_PIXELS])
+    assert code == 0
+    return out

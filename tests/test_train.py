@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PIXELS
 
 import train_sequential_attention as train_mod
 from dataset_fsc147 import FSC147Dataset, prepare_batch
@@ -15,14 +14,8 @@ from train_sequential_attention import load_checkpoint, loss_trend, main, model_
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model_dir, synth_root):
-    out = str(tmp_path_factory.mktemp("run") / "run")
-    code = main(["--data_root", synth_root, "--model_name_or_path", tiny_model_dir, "--max_steps", "6",
-                 "--batch_size", "4", "--lr", "3e-4", "--eval_every", "3", "--save_every", "4",
-                 "--eval_states", "4", "--num_workers", "0", "--wandb_mode", "offline",
-                 "--output_dir", out, *TINY_PIXELS])
-    assert code == 0
-    return out
+def run_dir(trained_run):
+    return trained_run
 
 
 def test_run_writes_config_metrics_checkpoints_and_wandb(run_dir):
@@ -40,8 +33,9 @@ def test_run_writes_config_metrics_checkpoints_and_wandb(run_dir):
     assert steps[1]["grad_norm/x_head"] > 0 and steps[1]["grad_norm/done_head"] == 0  # reg step
     evals = [r for r in records if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [3, 6]
-    assert all(k in evals[0] for k in ("val/loss_cls", "val/loss_reg", "val/done_acc"))
-    for name in ("checkpoint-4", "checkpoint-6", "checkpoint-last"):
+    for key in ("val/loss_cls", "val/loss_reg", "val/done_acc", "val/count_mae", "val/count_rmse", "val/count_f1"):
+        assert key in evals[0]
+    for name in ("checkpoint-4", "checkpoint-6", "checkpoint-last", "checkpoint-best"):
         ckpt = os.path.join(run_dir, name)
         for f in ("adapter_config.json", "adapter_model.safetensors", "heads.safetensors", "config.json",
                   "training_state.pt", "processor_config.json", "tokenizer.json"):

@@ -1,0 +1,178 @@
+"""Count the objects of a class in an image by pointing at them one at a time.
+
+    python count_objects.py --checkpoint runs/demo/checkpoint-last --image photo.jpg --class_name "oranges"
+    python count_objects.py --checkpoint RUN/checkpoint-best --image shells.jpg --class_name "sea shells" \
+        --out_dir counted/ --done_threshold 0.5 --max_count 500
+
+The counting loop: start with no marks; at each step draw the marks for the points found so far, run
+the model, stop if sigmoid(done) > --done_threshold, else add the predicted (x, y) and go on; stop at
+--max_count. Prints the count and writes OUT_DIR/<image>_counted.png (numbered marks) and
+OUT_DIR/<image>_points.json (points in pixels of the original image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dataset_fsc147 import UsageError, denormalize_points, draw_marks, load_rgb, mark_radius
+
+
+@dataclass
+class CountResult:
+    """What the counting loop found in one image."""
+
+    points: np.ndarray  # (K, 2) predicted points in pixels of the original image, in counting order
+    steps: int  # forward passes spent on the image (K + 1 when it stopped on done)
+    capped: bool  # stopped at max_count rather than on done
+    n_outside: int  # predicted points outside the image (still recorded)
+    n_duplicate: int  # predicted points on top of an earlier one (within a mark radius; still recorded)
+    done_probs: list[float] = field(default_factory=list)  # sigmoid(done) at each step
+
+    @property
+    def count(self) -> int:
+        return len(self.points)
+
+
+@dataclass
+class _State:
+    """An image being counted: its index in the input list and the points found so far."""
+
+    index: int
+    image: object
+    class_name: str
+    norm_points: list = field(default_factory=list)  # normalised (x, y) per counted point
+    done_probs: list = field(default_factory=list)
+
+
+def _finish(state: _State, capped: bool) -> CountResult:
+    width, height = state.image.size
+    norm = np.asarray(state.norm_points, dtype=np.float32).reshape(-1, 2)
+    points = denormalize_points(norm, width, height)
+    outside = int((np.abs(norm) > 1.0).any(1).sum())
+    radius = mark_radius(width, height)
+    duplicate = 0
+    for i in range(1, len(points)):
+        if (np.hypot(*(points[:i] - points[i]).T) < radius).any():
+            duplicate += 1
+    return CountResult(points, len(state.done_probs), capped, outside, duplicate, list(state.done_probs))
+
+
+def marked_image(state: _State):
+    """The image with the counted points marked 1..k (marks of points off the image drawn at its edge)."""
+    width, height = state.image.size
+    pts = denormalize_points(np.asarray(state.norm_points, dtype=np.float32).reshape(-1, 2), width, height)
+    pts[:, 0] = pts[:, 0].clip(0, width - 1)
+    pts[:, 1] = pts[:, 1].clip(0, height - 1)
+    return draw_marks(state.image, pts)
+
+
+@torch.no_grad()
+def count_objects(model, images, class_names, batch_size: int = 8, done_threshold: float = 0.5,
+                  max_count: int = 500, progress=None) -> list[CountResult]:
+    """Count every image, several at once: each batch slot holds one image at its own step.
+
+    When an image finishes, the next waiting image takes its slot, so batches stay full. Every image
+    gets the same inputs as when counted alone, so counts do not depend on batch_size.
+    """
+    if len(images) != len(class_names):
+        raise ValueError("images and class_names must have the same length")
+    model.eval()
+    device = model.x_head.fc1.weight.device
+    waiting = [_State(i, im, c) for i, (im, c) in enumerate(zip(images, class_names))][::-1]
+    active: list[_State] = []
+    results: list[CountResult | None] = [None] * len(images)
+    while waiting or active:
+        while waiting and len(active) < batch_size:
+            active.append(waiting.pop())
+        inputs = model.build_inputs([marked_image(s) for s in active], [s.class_name for s in active])
+        counted = [np.asarray(s.norm_points, dtype=np.float32).reshape(-1, 2) for s in active]
+        out = model({k: v.to(device) for k, v in inputs.items()}, counted=counted)
+        probs = torch.sigmoid(out["done_logit"].float()).cpu().tolist()
+        xs, ys = out["x"].float().cpu().tolist(), out["y"].float().cpu().tolist()
+        still = []
+        for state, p, x, y in zip(active, probs, xs, ys):
+            state.done_probs.append(p)
+            if p > done_threshold:
+                results[state.index] = _finish(state, capped=False)
+            else:
+                state.norm_points.append((x, y))
+                if len(state.norm_points) >= max_count:
+                    results[state.index] = _finish(state, capped=True)
+                else:
+                    still.append(state)
+                    continue
+            if progress is not None:
+                progress.update(1)
+        active = still
+    return results
+
+
+def points_json(result: CountResult, image_path: str, class_name: str) -> dict:
+    """The JSON written next to the counted image."""
+    return {"image": image_path, "class_name": class_name, "count": result.count,
+            "points": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points],
+            "steps": result.steps, "capped": result.capped, "n_outside": result.n_outside,
+            "n_duplicate": result.n_duplicate}
+
+
+def main(argv=None) -> int:
+    from train_sequential_attention import arg, load_checkpoint, parse_config
+
+    @dataclass
+    class CountConfig:
+        checkpoint: str = arg("", "checkpoint folder written by training (e.g. RUN/checkpoint-best)")
+        image: str = arg("", "image file to count in (any mode: grayscale, RGBA, palette are converted)")
+        class_name: str = arg("", "what to count, e.g. 'sea shells'")
+        out_dir: str = arg("counted", "folder for <image>_counted.png and <image>_points.json")
+        done_threshold: float = arg(0.5, "stop when sigmoid(done) exceeds this")
+        max_count: int = arg(500, "stop after this many points")
+        device: str = arg("auto", "auto, cpu or cuda")
+
+    def validate(cfg) -> list[str]:
+        errors = [f"--{name} is required" for name in ("checkpoint", "image", "class_name") if not getattr(cfg, name)]
+        if not 0 < cfg.done_threshold < 1:
+            errors.append("--done_threshold must be in (0, 1)")
+        if cfg.max_count < 1:
+            errors.append("--max_count must be >= 1")
+        return errors
+
+    cfg = parse_config(CountConfig, argv, __doc__, validate)
+    try:
+        if not os.path.isfile(cfg.image):
+            raise UsageError(f"image {cfg.image!r} does not exist")
+        try:
+            image = load_rgb(cfg.image)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read image {cfg.image!r}: {e}") from None
+        model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = count_objects(model, [image], [cfg.class_name], batch_size=1, done_threshold=cfg.done_threshold,
+                           max_count=cfg.max_count)[0]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(cfg.image))[0]
+    png = os.path.join(cfg.out_dir, f"{stem}_counted.png")
+    js = os.path.join(cfg.out_dir, f"{stem}_points.json")
+    pts = result.points.copy()
+    pts[:, 0] = pts[:, 0].clip(0, image.width - 1)
+    pts[:, 1] = pts[:, 1].clip(0, image.height - 1)
+    draw_marks(image, pts).save(png)
+    with open(js, "w", encoding="utf-8") as f:
+        json.dump(points_json(result, cfg.image, cfg.class_name), f, indent=2)
+    flags = (" (stopped at --max_count)" if result.capped else "") + (
+        f", {result.n_outside} outside the image" if result.n_outside else "") + (
+        f", {result.n_duplicate} on top of earlier points" if result.n_duplicate else "")
+    print(f"{cfg.class_name}: {result.count}{flags}")
+    print(f"  marks:  {png}\n  points: {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

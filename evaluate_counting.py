@@ -1,0 +1,199 @@
+"""Count every image of an FSC-147 split and report the literature's metrics.
+
+    python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root /path/FSC147 --split val
+    python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root DIR --split test \
+        --output_dir eval_test --batch_size 16 --save_overlays 8
+
+Writes OUTPUT_DIR/results.json ({"summary": {...}, "images": [...]}) and prints a summary table.
+Metrics (as in the FSC-147 literature; ground truth = number of annotated points):
+  MAE = mean |pred - gt|, RMSE = sqrt(mean (pred - gt)^2), NAE = mean |pred - gt| / gt;
+  localisation precision / recall / F1: predicted points matched one-to-one to ground-truth points
+  (scipy.optimize.linear_sum_assignment on distances) within a radius, by default half the mean
+  exemplar box size of the image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from count_objects import CountResult, count_objects
+from dataset_fsc147 import FSC147Dataset, UsageError, draw_marks, mark_radius
+from train_sequential_attention import arg, load_checkpoint, parse_config, write_json_atomic
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = arg("", "checkpoint folder written by training (e.g. RUN/checkpoint-best)")
+    data_root: str = arg("", "FSC-147 root folder")
+    split: str = arg("val", "split to count: val or test (or train)")
+    output_dir: str = arg("", "where results.json and overlays go (default: CHECKPOINT/eval-<split>)")
+    batch_size: int = arg(8, "images counted at once (each at its own step)")
+    done_threshold: float = arg(0.5, "stop counting an image when sigmoid(done) exceeds this")
+    max_count: int = arg(500, "stop counting an image after this many points (reported as capped)")
+    max_images: int = arg(0, "count only the first N images of the split (0: all)")
+    match_radius: float = arg(0.0, "localisation match radius in pixels (0: half the image's mean exemplar box size)")
+    save_overlays: int = arg(0, "write PNGs of the first K images: predicted marks | ground-truth dots")
+    device: str = arg("auto", "auto, cpu or cuda")
+
+
+def validate_eval_config(cfg: EvalConfig) -> list[str]:
+    errors = [f"--{n} is required" for n in ("checkpoint", "data_root") if not getattr(cfg, n)]
+    if cfg.batch_size < 1 or cfg.max_count < 1:
+        errors.append("--batch_size and --max_count must be >= 1")
+    if not 0 < cfg.done_threshold < 1:
+        errors.append("--done_threshold must be in (0, 1)")
+    if cfg.max_images < 0 or cfg.save_overlays < 0 or cfg.match_radius < 0:
+        errors.append("--max_images, --save_overlays and --match_radius must be >= 0")
+    return errors
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def match_points(pred: np.ndarray, gt: np.ndarray, radius: float) -> int:
+    """Number of one-to-one matches between predicted and ground-truth points within `radius`."""
+    pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
+    if len(pred) == 0 or len(gt) == 0:
+        return 0
+    from scipy.optimize import linear_sum_assignment
+
+    dist = np.linalg.norm(pred[:, None] - gt[None], axis=-1)  # (P, G)
+    # Pairs beyond the radius cost more than any pair within it, so the assignment maximises matches.
+    cost = np.where(dist <= radius, dist, radius * 10 + dist.max() * len(pred) + 1.0)
+    rows, cols = linear_sum_assignment(cost)
+    return int((dist[rows, cols] <= radius).sum())
+
+
+def default_radius(boxes: np.ndarray, width: int, height: int) -> float:
+    """Half the mean exemplar box size ((w + h) / 2), or a mark radius when there are no boxes."""
+    if len(boxes):
+        return float(np.mean((boxes[:, 2] - boxes[:, 0] + boxes[:, 3] - boxes[:, 1]) / 2) / 2)
+    return float(mark_radius(width, height))
+
+
+def summarize(records: list[dict], elapsed_s: float) -> dict:
+    """Dataset-level metrics from per-image records (pred_count, gt_count, n_matched...)."""
+    if not records:
+        raise UsageError("no image was counted")
+    pred = np.array([r["pred_count"] for r in records], dtype=np.float64)
+    gt = np.array([r["gt_count"] for r in records], dtype=np.float64)
+    err = pred - gt
+    matched = sum(r["n_matched"] for r in records)
+    precision = matched / pred.sum() if pred.sum() else 0.0
+    recall = matched / gt.sum() if gt.sum() else 0.0
+    return {
+        "n_images": len(records),
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(math.sqrt((err ** 2).mean())),
+        "nae": float((np.abs(err) / np.maximum(gt, 1)).mean()),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
+        "n_capped": int(sum(r["capped"] for r in records)),
+        "images_per_s": len(records) / elapsed_s if elapsed_s > 0 else float("nan"),
+    }
+
+
+def image_record(sample, result: CountResult, radius: float) -> dict:
+    """Per-image entry of results.json."""
+    return {
+        "id": sample.id, "class_name": sample.class_name, "gt_count": int(len(sample.points)),
+        "pred_count": result.count,
+        "points": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points],
+        "steps": result.steps, "capped": result.capped, "n_outside": result.n_outside,
+        "n_duplicate": result.n_duplicate, "match_radius": round(radius, 2),
+        "n_matched": match_points(result.points, sample.points, radius),
+    }
+
+
+def overlay(sample, result: CountResult) -> Image.Image:
+    """Side by side: the model's numbered marks | ground-truth points as dots."""
+    width, height = sample.image.size
+    pts = result.points.copy()
+    pts[:, 0] = pts[:, 0].clip(0, width - 1)
+    pts[:, 1] = pts[:, 1].clip(0, height - 1)
+    left = draw_marks(sample.image, pts)
+    right = sample.image.copy()
+    draw = ImageDraw.Draw(right)
+    r = max(2, mark_radius(width, height) // 2)
+    for x, y in sample.points:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 255, 0), outline=(0, 0, 0))
+    canvas = Image.new("RGB", (2 * width + 8, height), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (width + 8, 0))
+    ImageDraw.Draw(canvas).text((4, 4), f"pred {result.count}", fill=(255, 255, 0), stroke_width=2, stroke_fill=(0, 0, 0))
+    ImageDraw.Draw(canvas).text((width + 12, 4), f"gt {len(sample.points)}", fill=(0, 255, 0), stroke_width=2,
+                                stroke_fill=(0, 0, 0))
+    return canvas
+
+
+def count_dataset(model, dataset, batch_size: int, done_threshold: float, max_count: int,
+                  max_images: int = 0, match_radius: float = 0.0, progress: bool = True):
+    """Count the images of a dataset. Returns (records, summary, samples, results, n_skipped)."""
+    from tqdm.auto import tqdm
+
+    n = min(len(dataset), max_images) if max_images else len(dataset)
+    samples, skipped = [], 0
+    for i in range(n):
+        sample = dataset[i]
+        if sample is None:
+            skipped += 1  # unreadable image: dataset logged it; counted here
+        else:
+            samples.append(sample)
+    if not samples:
+        raise UsageError(f"no readable images to count ({skipped} skipped)")
+    bar = tqdm(total=len(samples), desc="counting", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    results = count_objects(model, [s.image for s in samples], [s.class_name for s in samples], batch_size,
+                            done_threshold, max_count, progress=bar)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    records = [image_record(s, r, match_radius or default_radius(s.boxes, *s.image.size))
+               for s, r in zip(samples, results)]
+    summary = summarize(records, elapsed)
+    summary["n_skipped"] = skipped + dataset.num_skipped
+    return records, summary, samples, results
+
+
+def print_summary(summary: dict, split: str) -> None:
+    rows = [("images", f"{summary['n_images']}"), ("MAE", f"{summary['mae']:.3f}"), ("RMSE", f"{summary['rmse']:.3f}"),
+            ("NAE", f"{summary['nae']:.3f}"), ("precision", f"{summary['precision']:.3f}"),
+            ("recall", f"{summary['recall']:.3f}"), ("F1", f"{summary['f1']:.3f}"),
+            ("capped", f"{summary['n_capped']}"), ("skipped", f"{summary['n_skipped']}"),
+            ("images/s", f"{summary['images_per_s']:.2f}")]
+    print(f"\n{split} split")
+    for name, value in rows:
+        print(f"  {name:10s} {value:>10s}")
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(EvalConfig, argv, __doc__, validate_eval_config)
+    try:
+        dataset = FSC147Dataset(cfg.data_root, cfg.split)
+        model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device)
+        records, summary, samples, results = count_dataset(
+            model, dataset, cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.max_images, cfg.match_radius)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = cfg.output_dir or os.path.join(cfg.checkpoint, f"eval-{cfg.split}")
+    os.makedirs(out, exist_ok=True)
+    summary.update({"split": cfg.split, "checkpoint": cfg.checkpoint, "config": asdict(cfg)})
+    write_json_atomic(os.path.join(out, "results.json"), {"summary": summary, "images": records})
+    for sample, result in list(zip(samples, results))[:cfg.save_overlays]:
+        overlay(sample, result).save(os.path.join(out, f"overlay_{os.path.splitext(sample.id)[0]}.png"))
+    print_summary(summary, cfg.split)
+    print(f"\nresults: {os.path.join(out, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

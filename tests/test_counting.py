@@ -1,0 +1,179 @@
+"""The counting loop, its metrics, evaluate_counting.py and count_objects.py."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import count_objects as count_mod
+import evaluate_counting as eval_mod
+from count_objects import count_objects
+from dataset_fsc147 import IMAGE_DIR, SPLIT_FILE, FSC147Dataset
+from evaluate_counting import match_points, summarize
+from train_sequential_attention import load_checkpoint
+
+
+class ScriptedModel(nn.Module):
+    """Stands in for the VLM: says done once an image carries `image.width // 100` marks.
+
+    It reads the number of counted points from `counted` and the image width from the marked
+    images, so the loop's bookkeeping (marks, refills, stop rules) is tested without a real model.
+    """
+
+    def __init__(self, point=(0.5, -0.5)):
+        super().__init__()
+        self.x_head = nn.Module()
+        self.x_head.fc1 = nn.Linear(1, 1)
+        self.point = point
+        self.batch_sizes = []
+
+    def build_inputs(self, images, class_names):
+        return {"want": torch.tensor([im.width // 100 for im in images])}
+
+    def forward(self, inputs, counted=None):
+        have = torch.tensor([len(c) for c in counted])
+        self.batch_sizes.append(len(have))
+        n = len(have)
+        return {"x": torch.full((n,), self.point[0]), "y": torch.full((n,), self.point[1]),
+                "done_logit": torch.where(have >= inputs["want"], 10.0, -10.0)}
+
+
+def test_loop_stops_on_done_and_refills_the_batch():
+    images = [Image.new("RGB", (100 * k, 80)) for k in (3, 0, 5, 1, 2)]
+    model = ScriptedModel()
+    results = count_objects(model, images, ["dots"] * 5, batch_size=2, max_count=50)
+    assert [r.count for r in results] == [3, 0, 5, 1, 2]
+    assert [r.steps for r in results] == [4, 1, 6, 2, 3]
+    assert not any(r.capped for r in results)
+    # A finished image's slot is refilled at once: every batch but the last ones is full.
+    assert model.batch_sizes[:5] == [2, 2, 2, 2, 2]
+    # Points are converted back to pixels of the original image: (0.5, -0.5) -> (0.75 W, 0.25 H).
+    np.testing.assert_allclose(results[0].points[0], [225, 20], atol=1e-4)
+
+
+def test_loop_stops_at_the_cap_and_flags_duplicates_and_outside_points():
+    image = Image.new("RGB", (900, 80))  # wants 9, capped at 4
+    result = count_objects(ScriptedModel(point=(1.5, 0.0)), [image], ["dots"], max_count=4)[0]
+    assert result.capped and result.count == 4 and result.steps == 4
+    assert result.n_outside == 4  # x = 1.5 is right of the image
+    assert result.n_duplicate == 3  # the same point four times: three land on an earlier one
+
+
+def test_batched_counts_equal_one_at_a_time(trained_run, synth_root):
+    model, _ = load_checkpoint(os.path.join(trained_run, "checkpoint-last"), device="cpu")
+    ds = FSC147Dataset(synth_root, "val")
+    samples = [ds[i] for i in range(5)]
+    images, names = [s.image for s in samples], [s.class_name for s in samples]
+    # Pick the threshold from the model's own done probabilities (median over images and steps), so
+    # images stop after different numbers of steps and finished slots get refilled mid-batch.
+    probe = count_objects(model, images, names, batch_size=1, done_threshold=0.999, max_count=6)
+    kwargs = dict(done_threshold=float(np.median(np.concatenate([r.done_probs for r in probe]))), max_count=6)
+    one = count_objects(model, images, names, batch_size=1, **kwargs)
+    many = count_objects(model, images, names, batch_size=4, **kwargs)
+    assert len({r.count for r in one}) > 1  # the test means something only if counts differ
+    assert [r.count for r in one] == [r.count for r in many]
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(a.points, b.points, atol=1e-4)
+        np.testing.assert_allclose(a.done_probs, b.done_probs, atol=1e-5)
+
+
+def test_match_points_one_to_one_within_radius():
+    gt = np.array([[0, 0], [10, 0], [100, 100]])
+    # Two predictions near the first point: only one may match it; the second takes (10, 0).
+    pred = np.array([[1, 0], [6, 0], [300, 300]])
+    assert match_points(pred, gt, radius=5) == 2
+    assert match_points(pred, gt, radius=0.5) == 0
+    assert match_points(np.zeros((0, 2)), gt, radius=5) == 0
+    # A greedy nearest match would pair (6, 0) with (10, 0) and (9, 0) with nothing; the assignment finds 2.
+    assert match_points(np.array([[6, 0], [9, 0]]), np.array([[2, 0], [10, 0]]), radius=4.5) == 2
+
+
+def test_summary_metrics_by_hand():
+    records = [
+        {"pred_count": 3, "gt_count": 5, "n_matched": 3, "capped": False},
+        {"pred_count": 10, "gt_count": 4, "n_matched": 4, "capped": True},
+        {"pred_count": 2, "gt_count": 2, "n_matched": 1, "capped": False},
+    ]
+    s = summarize(records, elapsed_s=2.0)
+    assert s["mae"] == pytest.approx((2 + 6 + 0) / 3)
+    assert s["rmse"] == pytest.approx(math.sqrt((4 + 36 + 0) / 3))
+    assert s["nae"] == pytest.approx((2 / 5 + 6 / 4 + 0) / 3)
+    assert s["precision"] == pytest.approx(8 / 15) and s["recall"] == pytest.approx(8 / 11)
+    p, r = 8 / 15, 8 / 11
+    assert s["f1"] == pytest.approx(2 * p * r / (p + r))
+    assert s["n_capped"] == 1 and s["images_per_s"] == pytest.approx(1.5)
+
+
+def test_evaluate_writes_results_json(trained_run, synth_root, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    code = eval_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-best"), "--data_root", synth_root,
+                          "--split", "val", "--output_dir", out, "--max_count", "4", "--batch_size", "3",
+                          "--save_overlays", "2", "--device", "cpu"])
+    assert code == 0
+    results = json.load(open(os.path.join(out, "results.json")))
+    summary = results["summary"]
+    for key in ("n_images", "mae", "rmse", "nae", "precision", "recall", "f1", "n_capped", "images_per_s"):
+        assert key in summary
+    assert summary["n_images"] == len(results["images"]) == 6
+    for record in results["images"]:
+        for key in ("id", "class_name", "gt_count", "pred_count", "points", "steps", "capped", "n_outside",
+                    "n_duplicate"):
+            assert key in record
+        assert record["pred_count"] == len(record["points"]) <= 4
+    gt = np.array([r["gt_count"] for r in results["images"]])
+    pred = np.array([r["pred_count"] for r in results["images"]])
+    assert summary["mae"] == pytest.approx(np.abs(pred - gt).mean())
+    assert len([f for f in os.listdir(out) if f.startswith("overlay_")]) == 2
+    assert "MAE" in capsys.readouterr().out
+
+
+def test_evaluate_skips_unreadable_images_and_rejects_empty_splits(trained_run, synth_root, tmp_path, capsys):
+    root = str(tmp_path / "data")
+    shutil.copytree(synth_root, root)
+    splits = json.load(open(os.path.join(root, SPLIT_FILE)))
+    with open(os.path.join(root, IMAGE_DIR, splits["val"][0]), "wb") as f:
+        f.write(b"\x00" * 10)
+    ckpt = os.path.join(trained_run, "checkpoint-last")
+    out = str(tmp_path / "eval")
+    assert eval_mod.main(["--checkpoint", ckpt, "--data_root", root, "--output_dir", out, "--max_count", "2"]) == 0
+    summary = json.load(open(os.path.join(out, "results.json")))["summary"]
+    assert summary["n_images"] == 5 and summary["n_skipped"] == 1
+    splits["val"] = []
+    json.dump(splits, open(os.path.join(root, SPLIT_FILE), "w"))
+    assert eval_mod.main(["--checkpoint", ckpt, "--data_root", root, "--output_dir", out]) == 2
+    assert "no usable images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_count_objects_cli_on_grayscale_and_rgba(trained_run, tmp_path, mode, capsys):
+    path = str(tmp_path / f"img_{mode}.png")
+    Image.new(mode, (200, 150)).save(path)
+    out = str(tmp_path / "out")
+    code = count_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-last"), "--image", path,
+                           "--class_name", "sea shells", "--out_dir", out, "--max_count", "3"])
+    assert code == 0
+    points = json.load(open(os.path.join(out, f"img_{mode}_points.json")))
+    assert points["count"] == len(points["points"]) <= 3 and points["class_name"] == "sea shells"
+    assert Image.open(os.path.join(out, f"img_{mode}_counted.png")).size == (200, 150)
+    assert "sea shells:" in capsys.readouterr().out
+
+
+def test_count_objects_cli_errors(trained_run, tmp_path, capsys):
+    bad = str(tmp_path / "bad.jpg")
+    open(bad, "wb").write(b"not an image")
+    ckpt = os.path.join(trained_run, "checkpoint-last")
+    assert count_mod.main(["--checkpoint", ckpt, "--image", bad, "--class_name", "x"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert count_mod.main(["--checkpoint", str(tmp_path), "--image", bad, "--class_name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err or "not a checkpoint" in err
+    good = str(tmp_path / "good.png")
+    Image.new("RGB", (64, 64)).save(good)
+    assert count_mod.main(["--checkpoint", str(tmp_path), "--image", good, "--class_name", "x"]) == 2
+    assert "missing" in capsys.readouterr().err
