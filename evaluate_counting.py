@@ -102,6 +102,18 @@ def summarize(records: list[dict], elapsed_s: float) -> dict:
     }
 
 
+def mean_count_baseline(data_root: str, records: list[dict], train_split: str = "train") -> dict:
+    """MAE / RMSE of always predicting the training split's mean count (the trivial baseline)."""
+    try:
+        train = FSC147Dataset(data_root, train_split)
+    except UsageError:
+        return {}
+    mean = float(np.mean([len(e["points"]) for e in train.entries]))
+    gt = np.array([r["gt_count"] for r in records], dtype=np.float64)
+    return {"train_mean_count": mean, "baseline_mean_mae": float(np.abs(gt - mean).mean()),
+            "baseline_mean_rmse": float(math.sqrt(((gt - mean) ** 2).mean()))}
+
+
 def image_record(sample, result: CountResult, radius: float) -> dict:
     """Per-image entry of results.json."""
     return {
@@ -169,9 +181,12 @@ def print_summary(summary: dict, split: str) -> None:
             ("recall", f"{summary['recall']:.3f}"), ("F1", f"{summary['f1']:.3f}"),
             ("capped", f"{summary['n_capped']}"), ("skipped", f"{summary['n_skipped']}"),
             ("images/s", f"{summary['images_per_s']:.2f}")]
+    if "baseline_mean_mae" in summary:
+        rows += [("mean-count baseline MAE", f"{summary['baseline_mean_mae']:.3f}"),
+                 ("mean-count baseline RMSE", f"{summary['baseline_mean_rmse']:.3f}")]
     print(f"\n{split} split")
     for name, value in rows:
-        print(f"  {name:10s} {value:>10s}")
+        print(f"  {name:25s} {value:>10s}")
 
 
 def main(argv=None) -> int:
@@ -186,6 +201,7 @@ def main(argv=None) -> int:
         return 2
     out = cfg.output_dir or os.path.join(cfg.checkpoint, f"eval-{cfg.split}")
     os.makedirs(out, exist_ok=True)
+    summary.update(mean_count_baseline(cfg.data_root, records))
     summary.update({"split": cfg.split, "checkpoint": cfg.checkpoint, "config": asdict(cfg)})
     write_json_atomic(os.path.join(out, "results.json"), {"summary": summary, "images": records})
     for sample, result in list(zip(samples, results))[:cfg.save_overlays]:

@@ -61,6 +61,7 @@ class SimpleSequentialModel(nn.Module):
         super().__init__()
         self.backbone = backbone  # PeftModel (LoRA) around Qwen2VLForConditionalGeneration
         self.processor = processor
+        self._prompts: dict[str, str] = {}  # class name -> prompt; rendering the template is slow
         tokenizer = processor.tokenizer
         token_ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
         if any(t is None or t == tokenizer.unk_token_id for t in token_ids):
@@ -82,11 +83,14 @@ class SimpleSequentialModel(nn.Module):
     # --- inputs ---------------------------------------------------------------------------------
 
     def build_prompt(self, class_name: str) -> str:
-        """Chat-template prompt naming the class, ending with the three query tokens."""
+        """Chat-template prompt naming the class, ending with the three query tokens (cached per class)."""
+        if class_name in self._prompts:
+            return self._prompts[class_name]
         messages = [{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": PROMPT.format(class_name=class_name)}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text + "".join(SPECIAL_TOKENS)
+        self._prompts[class_name] = text + "".join(SPECIAL_TOKENS)
+        return self._prompts[class_name]
 
     def build_inputs(self, images, class_names) -> dict[str, torch.Tensor]:
         """Processor inputs (input_ids, pixel_values, image_grid_thw, mm_token_type_ids, ...)."""

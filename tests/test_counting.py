@@ -129,6 +129,9 @@ def test_evaluate_writes_results_json(trained_run, synth_root, tmp_path, capsys)
     gt = np.array([r["gt_count"] for r in results["images"]])
     pred = np.array([r["pred_count"] for r in results["images"]])
     assert summary["mae"] == pytest.approx(np.abs(pred - gt).mean())
+    train = FSC147Dataset(synth_root, "train")
+    mean = np.mean([len(e["points"]) for e in train.entries])
+    assert summary["baseline_mean_mae"] == pytest.approx(np.abs(gt - mean).mean())
     assert len([f for f in os.listdir(out) if f.startswith("overlay_")]) == 2
     assert "MAE" in capsys.readouterr().out
 
