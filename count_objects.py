@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dataset_fsc147 import UsageError, denormalize_points, draw_marks, load_rgb, mark_radius
+from dataset_fsc147 import UsageError, clip_points, denormalize_points, draw_marks, load_rgb, mark_radius
 
 
 @dataclass
@@ -67,9 +67,7 @@ def marked_image(state: _State):
     """The image with the counted points marked 1..k (marks of points off the image drawn at its edge)."""
     width, height = state.image.size
     pts = denormalize_points(np.asarray(state.norm_points, dtype=np.float32).reshape(-1, 2), width, height)
-    pts[:, 0] = pts[:, 0].clip(0, width - 1)
-    pts[:, 1] = pts[:, 1].clip(0, height - 1)
-    return draw_marks(state.image, pts)
+    return draw_marks(state.image, clip_points(pts, width, height))
 
 
 @torch.no_grad()
@@ -160,10 +158,7 @@ def main(argv=None) -> int:
     stem = os.path.splitext(os.path.basename(cfg.image))[0]
     png = os.path.join(cfg.out_dir, f"{stem}_counted.png")
     js = os.path.join(cfg.out_dir, f"{stem}_points.json")
-    pts = result.points.copy()
-    pts[:, 0] = pts[:, 0].clip(0, image.width - 1)
-    pts[:, 1] = pts[:, 1].clip(0, image.height - 1)
-    draw_marks(image, pts).save(png)
+    draw_marks(image, clip_points(result.points, *image.size)).save(png)
     with open(js, "w", encoding="utf-8") as f:
         json.dump(points_json(result, cfg.image, cfg.class_name), f, indent=2)
     flags = (" (stopped at --max_count)" if result.capped else "") + (

@@ -70,6 +70,14 @@ def denormalize_points(points: np.ndarray, width: int, height: int) -> np.ndarra
     return (points + 1.0) / 2.0 * scale
 
 
+def clip_points(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A copy of pixel points (N, 2) clipped to the image: x in [0, W - 1], y in [0, H - 1]."""
+    points = np.array(points, dtype=np.float32).reshape(-1, 2)
+    points[:, 0] = points[:, 0].clip(0, width - 1)
+    points[:, 1] = points[:, 1].clip(0, height - 1)
+    return points
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -199,10 +207,7 @@ class FSC147Dataset(torch.utils.data.Dataset):
         if len(points) == 0:
             logger.warning("skipping %s: no finite points", path)
             return None
-        width, height = image.size
-        points[:, 0] = points[:, 0].clip(0, width - 1)
-        points[:, 1] = points[:, 1].clip(0, height - 1)
-        return Sample(entry["id"], image, points, _parse_boxes(entry.get("box_examples_coordinates")),
+        return Sample(entry["id"], image, clip_points(points, *image.size), _parse_boxes(entry.get("box_examples_coordinates")),
                       entry["class_name"])
 
 

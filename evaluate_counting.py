@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from count_objects import CountResult, count_objects
-from dataset_fsc147 import FSC147Dataset, UsageError, draw_marks, mark_radius
+from dataset_fsc147 import FSC147Dataset, UsageError, clip_points, draw_marks, mark_radius
 from train_sequential_attention import arg, load_checkpoint, parse_config, write_json_atomic
 
 
@@ -129,10 +129,7 @@ def image_record(sample, result: CountResult, radius: float) -> dict:
 def overlay(sample, result: CountResult) -> Image.Image:
     """Side by side: the model's numbered marks | ground-truth points as dots."""
     width, height = sample.image.size
-    pts = result.points.copy()
-    pts[:, 0] = pts[:, 0].clip(0, width - 1)
-    pts[:, 1] = pts[:, 1].clip(0, height - 1)
-    left = draw_marks(sample.image, pts)
+    left = draw_marks(sample.image, clip_points(result.points, width, height))
     right = sample.image.copy()
     draw = ImageDraw.Draw(right)
     r = max(2, mark_radius(width, height) // 2)
