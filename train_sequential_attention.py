@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, UsageError, collate_samples, prepare_batch
+from model_sequential_attention import ATTENTION_MODULES, SequentialAttentionCountingModel
 from model_sequential_simple import SPECIAL_TOKENS, SimpleSequentialModel, compute_loss
 
 logger = logging.getLogger("train")
@@ -61,7 +62,11 @@ class TrainConfig:
                                "rows top to bottom, left to right) or nearest (loss to the nearest uncounted object)")
     # model
     model_name_or_path: str = arg("Qwen/Qwen2-VL-2B-Instruct", "hub id or local folder of a Qwen2-VL model")
-    model_type: str = arg("simple", "simple (VLM features into the heads) or attention (not available yet)")
+    model_type: str = arg("simple", "simple (VLM features into the heads) or attention (+ working memory, "
+                          "foveation, cross-attention to counted objects, reasoning)")
+    attention_modules: str = arg("memory,foveation,cross_attention,reasoning",
+                                 "with --model_type attention: comma-separated modules to enable (empty: simple model)")
+    attention_dim: int = arg(256, "with --model_type attention: width of the attention modules")
     load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation, bf16 compute) + LoRA (QLoRA)")
     lora_r: int = arg(16, "LoRA rank")
     lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
@@ -109,6 +114,11 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append(f"--model_type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
     if cfg.target_strategy not in TARGET_STRATEGIES:
         errors.append(f"--target_strategy must be one of {TARGET_STRATEGIES}, got {cfg.target_strategy!r}")
+    unknown = [m for m in attention_module_list(cfg) if m not in ATTENTION_MODULES]
+    if unknown:
+        errors.append(f"--attention_modules: unknown {unknown}; choose from {', '.join(ATTENTION_MODULES)}")
+    if cfg.attention_dim < 8 or cfg.attention_dim % 4:
+        errors.append(f"--attention_dim must be a multiple of 4 and >= 8, got {cfg.attention_dim}")
     for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "head_hidden", "log_every", "eval_states"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -139,6 +149,10 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
     if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
         errors.append("--lora_target_modules must name at least one module")
     return errors
+
+
+def attention_module_list(cfg: TrainConfig) -> list[str]:
+    return [m.strip() for m in cfg.attention_modules.split(",") if m.strip()]
 
 
 # ----------------------------------------------------------------------------- config <-> CLI
@@ -251,9 +265,6 @@ def build_model(cfg: TrainConfig, adapter_path: str | None = None, trainable: bo
     """Processor + backbone + LoRA (new, or loaded from `adapter_path`) + heads, on the device."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if cfg.model_type != "simple":
-        raise UsageError("--model_type attention is not available yet (issue: the sequential-attention "
-                         "model); use --model_type simple")
     device = resolve_device(cfg)
     processor = load_processor(adapter_path or cfg.model_name_or_path, cfg)
     backbone = load_backbone(cfg, device)
@@ -270,9 +281,15 @@ def build_model(cfg: TrainConfig, adapter_path: str | None = None, trainable: bo
         except ValueError as e:
             raise UsageError(f"--lora_target_modules {cfg.lora_target_modules!r}: {e}") from None
     torch.manual_seed(cfg.seed)  # heads start the same for the same seed
-    model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden)
-    model.x_head.to(device), model.y_head.to(device), model.done_head.to(device)
-    model.token_embeddings.to(device)
+    if cfg.model_type == "attention":
+        model = SequentialAttentionCountingModel(backbone, processor, head_hidden=cfg.head_hidden,
+                                                 modules=tuple(attention_module_list(cfg)),
+                                                 attention_dim=cfg.attention_dim)
+    else:
+        model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden)
+    for name, module in model.named_children():
+        if name != "backbone":  # the backbone is already placed (4-bit needs device_map)
+            module.to(device)
     return model
 
 
@@ -452,7 +469,11 @@ def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, **
         cfg = config_from_dict(TrainConfig, json.load(f))
     cfg = dataclasses.replace(cfg, device=device, **overrides)
     model = build_model(cfg, adapter_path=path, trainable=trainable)
-    model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
+    try:
+        model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
+    except ValueError as e:
+        raise UsageError(f"{path}: heads.safetensors does not fit --model_type {cfg.model_type} "
+                         f"(modules {cfg.attention_modules!r}): {e}") from None
     model.eval()
     return model, cfg
 
@@ -500,9 +521,9 @@ def print_grad_check(mode: str, norms: dict[str, float]) -> None:
     """The seed's first-epoch check: > 0.1 good, < 1e-3 vanishing, 0 disconnected."""
     from tqdm.auto import tqdm
 
-    names = ["done_head"] if mode == "cls" else ["x_head", "y_head"]
+    other_heads = {"x_head", "y_head"} if mode == "cls" else {"done_head"}  # get no gradient this step
     lines = [f"[Gradient Check - {'Classification' if mode == 'cls' else 'Regression'}]"]
-    lines += [f"  {name}: {norms[name]:.4f}  ({grad_verdict(norms[name])})" for name in names + ["token_embeddings", "lora"]]
+    lines += [f"  {name}: {norm:.4f}  ({grad_verdict(norm)})" for name, norm in norms.items() if name not in other_heads]
     tqdm.write("\n".join(lines))
 
 

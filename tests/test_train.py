@@ -115,13 +115,6 @@ def test_wrong_model_path_is_a_clear_error(tmp_path, synth_root, capsys):
     assert "no-model" in capsys.readouterr().err
 
 
-def test_attention_model_type_says_not_available(tmp_path, synth_root, tiny_model_dir, capsys):
-    code = main(["--data_root", synth_root, "--model_name_or_path", tiny_model_dir, "--model_type", "attention",
-                 "--output_dir", str(tmp_path / "out"), "--wandb_mode", "disabled", "--max_steps", "1"])
-    assert code == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 def test_unknown_flags_and_bad_values_are_all_reported(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data_root", "x", "--no_such_flag", "1"])
