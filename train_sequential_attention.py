@@ -1,16 +1,17 @@
 """Train the sequential counter: alternating done/not-done (cls) and next-object (reg) steps.
 
 Tiny CPU run (synthetic data + tiny random Qwen2-VL, the real 4-bit QLoRA path; what `make demo` does):
-    python dataset_fsc147.py synth --out demo/data --num_images 120
+    python dataset_fsc147.py synth --out demo/data --num_images 200 --max_objects 6
     python tiny_qwen2vl.py --out demo/tiny-qwen2vl
     python train_sequential_attention.py --data_root demo/data --model_name_or_path demo/tiny-qwen2vl \
-        --max_steps 200 --batch_size 8 --lr 3e-4 --warmup_steps 20 --output_dir runs/demo
+        --max_steps 600 --batch_size 8 --lr 3e-4 --warmup_steps 30 --min_pixels 3136 --max_pixels 50176 \
+        --eval_images 16 --max_count 20 --output_dir runs/demo [--model_type attention]
 
 One GPU, FSC-147 and Qwen2-VL-2B-Instruct (or ./run_sequential_attention.sh):
     python train_sequential_attention.py --data_root /path/FSC147 --batch_size 2 --epochs 10 \
         --lr 5e-5 --load_in_4bit
 
-Several GPUs: `accelerate launch` is not supported yet (see the README); run one process per GPU.
+Several GPUs: `accelerate launch` is not supported yet (see the README).
 
 Writes OUTPUT_DIR/config.json, OUTPUT_DIR/metrics.jsonl, OUTPUT_DIR/checkpoint-<step>/, checkpoint-last/
 and an offline W&B run under OUTPUT_DIR/wandb unless WANDB_API_KEY is set (then online).
