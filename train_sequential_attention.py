@@ -98,6 +98,9 @@ class TrainConfig:
     max_count: int = arg(500, "counting loop: stop an image after this many points")
     done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this")
     save_every: int = arg(500, "write checkpoint-<step> every N optimizer steps (0: only at the end)")
+    save_total_limit: int = arg(0, "keep only the newest N checkpoint-<step> folders (plus -last and -best; 0: all)")
+    resume: str = arg("", "continue a run: 'latest' (OUTPUT_DIR/checkpoint-last) or a checkpoint folder")
+    max_bad_steps: int = arg(10, "stop (after saving) after this many consecutive steps with a non-finite loss or gradient")
     grad_check_every: int = arg(50, "print the seed's gradient check every N steps of the first epoch")
     num_workers: int = arg(2, "DataLoader worker processes decoding images")
     device: str = arg("auto", "auto (cuda if available), cuda or cpu")
@@ -124,7 +127,7 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "save_every", "num_workers",
-                 "max_train_images", "grad_check_every", "eval_images", "eval_overlays"):
+                 "max_train_images", "grad_check_every", "eval_images", "eval_overlays", "save_total_limit"):
         if getattr(cfg, name) < 0:
             errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.epochs == 0 and cfg.max_steps == 0:
@@ -133,6 +136,8 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append(f"--lr must be in (0, 1), got {cfg.lr}")
     if not 0 <= cfg.lora_dropout < 1:
         errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.max_bad_steps < 1:
+        errors.append(f"--max_bad_steps must be >= 1, got {cfg.max_bad_steps}")
     if cfg.max_count < 1:
         errors.append(f"--max_count must be >= 1, got {cfg.max_count}")
     if not 0 < cfg.done_threshold < 1:
@@ -314,13 +319,18 @@ def build_data(cfg: TrainConfig):
     return train, val
 
 
-def build_loader(cfg: TrainConfig, dataset, epoch: int) -> torch.utils.data.DataLoader:
-    """Shuffled loader of raw samples; counting states are made per step by `prepare_batch`."""
+def build_loader(cfg: TrainConfig, dataset, epoch: int, start_batch: int = 0) -> torch.utils.data.DataLoader:
+    """Loader of raw samples in this epoch's shuffled order, from batch `start_batch` on (for resume).
+
+    The order depends only on (seed, epoch), and the loader has its own generator, so creating it
+    never draws from the global torch RNG (whose state a resumed run restores).
+    """
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) >= cfg.batch_size,
-        collate_fn=collate_samples, num_workers=cfg.num_workers, generator=generator,
-        persistent_workers=False)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    n_batches = max(1, len(dataset) // cfg.batch_size)  # drop the last partial batch, keep at least one
+    indices = order[start_batch * cfg.batch_size:n_batches * cfg.batch_size]
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, collate_fn=collate_samples,
+                                       num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(epoch))
 
 
 def fixed_val_batches(cfg: TrainConfig, dataset) -> list:
@@ -382,10 +392,15 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
         n_states += len(batch)
     norms = grad_norms(model)  # before clipping: what the loss actually sent to each module
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    total = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    return {"loss": total_loss, "grad_norms": norms, "grad_norm_total": float(total), "states": n_states}
+    total = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+    finite = math.isfinite(total_loss) and math.isfinite(total)
+    if finite:
+        optimizer.step()
+        scheduler.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)  # skip the update: one bad batch must not poison the weights
+    return {"loss": total_loss, "grad_norms": norms, "grad_norm_total": total, "states": n_states,
+            "finite": finite, "ids": [i for b in micro_batches for i in b.ids]}
 
 
 @torch.no_grad()
@@ -433,8 +448,22 @@ def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, step: int, epoch: int, name: str) -> str:
-    """Write OUTPUT_DIR/<name>/ atomically: adapter, heads + token rows, processor, config, state."""
+@dataclass
+class TrainState:
+    """Where training is: everything besides the weights that a resumed run needs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # loader batches consumed in this epoch
+    best_mae: float = float("inf")  # best val count MAE so far (checkpoint-best)
+    skipped_images: int = 0  # images that failed to load during training
+    bad_steps: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+    total_bad_steps: int = 0
+    wandb_run_id: str = ""
+
+
+def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, name: str) -> str:
+    """Write OUTPUT_DIR/<name>/ atomically: adapter, heads + token rows, processor, config, training state."""
     from safetensors.torch import save_file
 
     final = os.path.join(cfg.output_dir, name)
@@ -445,8 +474,12 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, step: int, ep
     save_file(model.head_state_dict(), os.path.join(tmp, HEADS_FILE))
     model.processor.save_pretrained(tmp)
     write_json_atomic(os.path.join(tmp, "config.json"), asdict(cfg))
-    torch.save({"step": step, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, os.path.join(tmp, STATE_FILE))
+    rng = {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()),
+           "python": json.dumps(random.getstate()[1])}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({**asdict(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng}, os.path.join(tmp, STATE_FILE))
     old = os.path.join(cfg.output_dir, f".old-{name}")
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
@@ -454,6 +487,46 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, step: int, ep
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_step_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> str:
+    """checkpoint-<step> and checkpoint-last; then prune to --save_total_limit."""
+    path = save_checkpoint(cfg, model, optimizer, scheduler, state, f"checkpoint-{state.step}")
+    save_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-last")
+    if cfg.save_total_limit:
+        steps = sorted(int(d.split("-", 1)[1]) for d in os.listdir(cfg.output_dir)
+                       if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit())
+        for old in steps[:-cfg.save_total_limit]:
+            shutil.rmtree(os.path.join(cfg.output_dir, f"checkpoint-{old}"), ignore_errors=True)
+    return path
+
+
+def resume_path(cfg: TrainConfig) -> str:
+    path = os.path.join(cfg.output_dir, "checkpoint-last") if cfg.resume == "latest" else cfg.resume
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise UsageError(f"--resume {cfg.resume}: no {STATE_FILE} in {path!r}")
+    return path
+
+
+def restore_training(cfg: TrainConfig, path: str, model, optimizer, scheduler) -> TrainState:
+    """Load adapter, heads, optimizer, scheduler, RNG states and the step counters from a checkpoint."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model.backbone, load_file(os.path.join(path, "adapter_model.safetensors")))
+    model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
+    saved = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        old = json.load(f)
+    changed = [k for k, v in asdict(cfg).items() if k in old and old[k] != v and k not in ("resume", "output_dir")]
+    if changed:
+        logger.warning("resuming with changed settings: %s", ", ".join(f"{k}={old[k]!r}->{getattr(cfg, k)!r}" for k in changed))
+    return TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
 
 
 def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, **overrides):
@@ -485,9 +558,15 @@ def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, **
 class MetricsLogger:
     """metrics.jsonl (one JSON object per event, each with `step`) + W&B."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, resume_step: int | None = None, run_id: str = ""):
         self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        self.run = init_wandb(cfg)
+        if resume_step is not None and os.path.exists(self.path):
+            # Events logged after the checkpoint we resume from will be logged again: drop them.
+            with open(self.path, encoding="utf-8") as f:
+                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        self.run = init_wandb(cfg, run_id)
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **metrics}
@@ -501,7 +580,7 @@ class MetricsLogger:
             self.run.finish()
 
 
-def init_wandb(cfg: TrainConfig):
+def init_wandb(cfg: TrainConfig, run_id: str = ""):
     """W&B run in the run folder; offline unless WANDB_API_KEY is set or --wandb_mode says otherwise."""
     mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     if mode == "disabled":
@@ -509,7 +588,8 @@ def init_wandb(cfg: TrainConfig):
     import wandb
 
     return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
-                      dir=cfg.output_dir, mode=mode, config=asdict(cfg))
+                      dir=cfg.output_dir, mode=mode, config=asdict(cfg), id=run_id or None,
+                      resume="allow" if run_id else None)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -556,8 +636,34 @@ def loss_trend(metrics_path: str) -> dict[str, tuple[float, float]]:
 # ----------------------------------------------------------------------------- main
 
 
+class TrainingStopped(Exception):
+    """Training cannot go on (too many bad steps); a checkpoint has been saved."""
+
+
+def install_stop_handlers() -> tuple[dict, dict]:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and returns."""
+    import signal
+
+    flag = {"signal": None}
+    previous = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: no handlers, Ctrl-C behaves as usual
+            pass
+    return flag, previous
+
+
 def train(cfg: TrainConfig) -> dict:
-    """The training loop. Returns a summary (steps, final metrics, paths)."""
+    """The training loop. Returns a summary (steps, final metrics, paths, interrupted)."""
+    import signal
+
+    from tqdm.auto import tqdm
+
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
     write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
@@ -576,70 +682,114 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer, scheduler = build_optimizer(cfg, model, total_steps)
     val_batches = fixed_val_batches(cfg, val_ds)
-    metrics = MetricsLogger(cfg)
-    metrics.log(0, {"event": "start", "train_images": len(train_ds), "val_images": len(val_ds),
-                    "train_skipped": train_ds.num_skipped, "val_skipped": val_ds.num_skipped,
-                    "total_steps": total_steps, "trainable_params": n_trainable})
+    state = TrainState()
+    if cfg.resume:
+        path = resume_path(cfg)
+        state = restore_training(cfg, path, model, optimizer, scheduler)
+        print(f"Resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    metrics = MetricsLogger(cfg, resume_step=state.step if cfg.resume else None, run_id=state.wandb_run_id)
+    state.wandb_run_id = metrics.run.id if metrics.run is not None else ""
+    metrics.log(state.step, {"event": "resume" if cfg.resume else "start", "train_images": len(train_ds),
+                             "val_images": len(val_ds), "train_skipped": train_ds.num_skipped,
+                             "val_skipped": val_ds.num_skipped, "total_steps": total_steps,
+                             "trainable_params": n_trainable})
 
+    stop, previous_handlers = install_stop_handlers()
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
+    checked, last_eval = set(), {}
+    try:
+        while state.step < total_steps and not stop["signal"]:
+            pending = []
+            for samples in build_loader(cfg, train_ds, state.epoch, state.batch_in_epoch):
+                state.batch_in_epoch += 1
+                state.skipped_images += cfg.batch_size - len(samples) if len(train_ds) >= cfg.batch_size else 0
+                if not samples:
+                    continue
+                mode = step_mode(state.step)
+                rng = np.random.default_rng([cfg.seed, state.step, len(pending)])
+                pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy))
+                if len(pending) < cfg.grad_accum:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    result = train_step(cfg, model, optimizer, scheduler, pending, mode)
+                except torch.cuda.OutOfMemoryError:
+                    raise UsageError(f"out of GPU memory at step {state.step + 1} (batch {cfg.batch_size}); lower "
+                                     "--max_pixels or --batch_size (and raise --grad_accum to keep the effective "
+                                     "batch), or pass --gradient_checkpointing") from None
+                pending = []
+                state.step += 1
+                elapsed = time.perf_counter() - t0
+                log_step(cfg, metrics, state, mode, result, elapsed, scheduler, device, total_steps)
+                if not result["finite"]:
+                    state.bad_steps += 1
+                    state.total_bad_steps += 1
+                    tqdm.write(f"step {state.step}: non-finite loss or gradient, update skipped "
+                               f"({state.bad_steps} in a row); images {', '.join(result['ids'])}")
+                    if state.bad_steps >= cfg.max_bad_steps:
+                        path = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
+                        raise TrainingStopped(f"{state.bad_steps} consecutive steps had a non-finite loss or gradient "
+                                              f"(last images: {', '.join(result['ids'])}); saved {path}. See the "
+                                              "README's debugging guide: lower --lr, keep --grad_clip.")
+                else:
+                    state.bad_steps = 0
+                if state.epoch == 0 and result["finite"] and (
+                        mode not in checked or (cfg.grad_check_every and state.step % cfg.grad_check_every == 0)):
+                    checked.add(mode)
+                    print_grad_check(mode, result["grad_norms"])
+                progress.update(1)
+                progress.set_postfix({f"loss_{mode}": f"{result['loss']:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
+                if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps:
+                    last_eval = run_evaluation(cfg, model, optimizer, scheduler, state, val_batches, val_ds, metrics)
+                if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
+                    tqdm.write(f"saved {save_step_checkpoint(cfg, model, optimizer, scheduler, state)}")
+                if state.step >= total_steps or stop["signal"]:
+                    break
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+    finally:
+        progress.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    final = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
+    end_event = {"event": "interrupted", "signal": stop["signal"]} if stop["signal"] else {"event": "end"}
+    metrics.log(state.step, {**end_event, "skipped_images": state.skipped_images,
+                             "bad_steps": state.total_bad_steps, **last_eval})
+    metrics.finish()
+    return {"steps": state.step, "checkpoint": final, "output_dir": cfg.output_dir, "eval": last_eval,
+            "interrupted": stop["signal"], "bad_steps": state.total_bad_steps, "skipped_images": state.skipped_images}
+
+
+def log_step(cfg, metrics, state: TrainState, mode: str, result: dict, elapsed: float, scheduler, device,
+             total_steps: int) -> None:
+    """One metrics.jsonl record (and W&B point) for an optimizer step."""
+    if state.step % cfg.log_every and state.step != total_steps and result["finite"]:
+        return
+    record = {"epoch": state.epoch, "mode": mode, f"loss_{mode}": result["loss"],
+              **{f"grad_norm/{k}": v for k, v in result["grad_norms"].items()},
+              "grad_norm/total": result["grad_norm_total"], "lr": scheduler.get_last_lr()[0],
+              "samples_per_s": result["states"] / elapsed, "peak_mem_mb": peak_memory_mb(device),
+              "skipped_images": state.skipped_images, "bad_steps": state.total_bad_steps}
+    if not result["finite"]:
+        record.update({"event": "bad_step", "image_ids": result["ids"]})
+    metrics.log(state.step, record)
+
+
+def run_evaluation(cfg, model, optimizer, scheduler, state: TrainState, val_batches, val_ds, metrics) -> dict:
+    """Validation losses, counting on --eval_images val images, checkpoint-best on a new best MAE."""
     from tqdm.auto import tqdm
 
-    step, epoch, last_eval, best_mae = 0, 0, {}, float("inf")
-    skipped_images = 0
-    progress = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
-    checked = set()
-    while step < total_steps:
-        pending = []
-        for samples in build_loader(cfg, train_ds, epoch):
-            skipped_images += cfg.batch_size - len(samples) if len(train_ds) >= cfg.batch_size else 0
-            if not samples:
-                continue
-            mode = step_mode(step)
-            rng = np.random.default_rng([cfg.seed, step, len(pending)])
-            pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy))
-            if len(pending) < cfg.grad_accum:
-                continue
-            t0 = time.perf_counter()
-            result = train_step(cfg, model, optimizer, scheduler, pending, mode)
-            pending = []
-            step += 1
-            elapsed = time.perf_counter() - t0
-            if not math.isfinite(result["loss"]):
-                raise RuntimeError(f"non-finite loss at step {step}; see the README's debugging guide (lower --lr)")
-            if epoch == 0 and (mode not in checked or (cfg.grad_check_every and step % cfg.grad_check_every == 0)):
-                checked.add(mode)
-                print_grad_check(mode, result["grad_norms"])
-            if step % cfg.log_every == 0 or step == total_steps:
-                record = {"epoch": epoch, "mode": mode, f"loss_{mode}": result["loss"],
-                          **{f"grad_norm/{k}": v for k, v in result["grad_norms"].items()},
-                          "grad_norm/total": result["grad_norm_total"], "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": result["states"] / elapsed, "peak_mem_mb": peak_memory_mb(device),
-                          "skipped_images": skipped_images}
-                metrics.log(step, record)
-            progress.update(1)
-            progress.set_postfix({f"loss_{mode}": f"{result['loss']:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-                last_eval = evaluate(cfg, model, val_batches)
-                if cfg.eval_images:
-                    last_eval.update(evaluate_counting_subset(cfg, model, val_ds, metrics.run))
-                    if last_eval["val/count_mae"] < best_mae:
-                        best_mae = last_eval["val/count_mae"]
-                        save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, "checkpoint-best")
-                        tqdm.write(f"new best val count MAE {best_mae:.3f}: saved checkpoint-best")
-                metrics.log(step, {"event": "eval", **last_eval})
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                path = save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, f"checkpoint-{step}")
-                save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, "checkpoint-last")
-                tqdm.write(f"saved {path}")
-            if step >= total_steps:
-                break
-        epoch += 1
-    progress.close()
-    final = save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, f"checkpoint-{step}")
-    save_checkpoint(cfg, model, optimizer, scheduler, step, epoch, "checkpoint-last")
-    metrics.log(step, {"event": "end", "skipped_images": skipped_images, **last_eval})
-    metrics.finish()
-    return {"steps": step, "checkpoint": final, "output_dir": cfg.output_dir, "eval": last_eval}
+    result = evaluate(cfg, model, val_batches)
+    if cfg.eval_images:
+        result.update(evaluate_counting_subset(cfg, model, val_ds, metrics.run))
+        if result["val/count_mae"] < state.best_mae:
+            state.best_mae = result["val/count_mae"]
+            save_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-best")
+            tqdm.write(f"new best val count MAE {state.best_mae:.3f}: saved checkpoint-best")
+    metrics.log(state.step, {"event": "eval", **result})
+    tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
 
 
 def main(argv=None) -> int:
@@ -650,8 +800,16 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
     out = os.path.abspath(summary["output_dir"])
-    print(f"\nDone: {summary['steps']} steps.")
+    if summary["interrupted"]:
+        print(f"\nInterrupted by {summary['interrupted']} at step {summary['steps']}; saved {os.path.abspath(summary['checkpoint'])}.")
+        print(f"Continue with the same flags plus --resume latest (or --resume {os.path.abspath(summary['checkpoint'])}).")
+        return 0
+    print(f"\nDone: {summary['steps']} steps"
+          f" ({summary['skipped_images']} images skipped, {summary['bad_steps']} steps skipped for non-finite values).")
     print(f"  run folder:  {out}")
     print(f"  metrics:     {os.path.join(out, 'metrics.jsonl')}")
     for mode, (first, last) in loss_trend(os.path.join(out, "metrics.jsonl")).items():

@@ -12,7 +12,7 @@ import debug_training
 from dataset_fsc147 import FSC147Dataset, prepare_batch
 from model_sequential_attention import ATTENTION_MODULES, SequentialAttentionCountingModel
 from model_sequential_simple import compute_loss
-from train_sequential_attention import (build_model, build_optimizer, grad_norms, load_checkpoint, main,
+from train_sequential_attention import (TrainState, build_model, build_optimizer, grad_norms, load_checkpoint, main,
                                         model_inputs, save_checkpoint)
 
 CPU = torch.device("cpu")
@@ -135,7 +135,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(attention_config, mix
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
     optimizer, scheduler = build_optimizer(cfg, model, 10)
-    path = save_checkpoint(cfg, model, optimizer, scheduler, 0, 0, "checkpoint-0")
+    path = save_checkpoint(cfg, model, optimizer, scheduler, TrainState(), "checkpoint-0")
     loaded, loaded_cfg = load_checkpoint(path, device="cpu")
     assert isinstance(loaded, SequentialAttentionCountingModel) and loaded_cfg.model_type == "attention"
     model.eval()

@@ -71,7 +71,7 @@ def test_checkpoint_identical_to_the_model_that_was_saved(tmp_path, train_config
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
     optimizer, scheduler = train_mod.build_optimizer(cfg, model, 10)
-    path = train_mod.save_checkpoint(cfg, model, optimizer, scheduler, 0, 0, "checkpoint-0")
+    path = train_mod.save_checkpoint(cfg, model, optimizer, scheduler, train_mod.TrainState(), "checkpoint-0")
     ds = FSC147Dataset(synth_root, "train")
     batch = prepare_batch([ds[i] for i in range(2)], "cls", np.random.default_rng(1))
     loaded, _ = load_checkpoint(path, device="cpu")
