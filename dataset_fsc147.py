@@ -47,6 +47,8 @@ LAYOUT = f"""expected FSC-147 layout:
 (make a small one with: python dataset_fsc147.py synth --out DIR)"""
 
 TARGET_STRATEGIES = ("reading_order", "nearest")
+MIN_IMAGE_SIDE = 8  # smaller images carry no countable objects
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's processor rejects images more elongated than this
 
 
 class UsageError(Exception):
@@ -157,6 +159,7 @@ class FSC147Dataset(torch.utils.data.Dataset):
             raise UsageError(f"{os.path.join(root, SPLIT_FILE)}: no split {split!r} (has {sorted(splits)})")
 
         self.skipped: dict[str, list[str]] = {}
+        self.load_failures: dict[str, str] = {}  # id -> reason, for images that failed when loaded here
         self.entries: list[dict] = []
         for image_id in splits[split]:
             reason = self._check_entry(image_id, annotations, classes)
@@ -197,18 +200,29 @@ class FSC147Dataset(torch.utils.data.Dataset):
         entry = self.entries[index]
         path = os.path.join(self.root, IMAGE_DIR, entry["id"])
         try:
-            image = load_rgb(path)
             points = np.asarray(entry["points"], dtype=np.float32).reshape(-1, 2)
-        except (OSError, ValueError, TypeError) as e:
-            # Counted where the sample is dropped (collate_samples); one line per bad file.
-            logger.warning("skipping %s: %s", path, e)
-            return None
+        except (ValueError, TypeError) as e:
+            return self._fail(entry["id"], f"points are not numbers ({e})")
+        try:
+            image = load_rgb(path)
+        except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
+            return self._fail(entry["id"], f"unreadable image ({type(e).__name__}: {e})")
+        width, height = image.size
+        if min(width, height) < MIN_IMAGE_SIDE:
+            return self._fail(entry["id"], f"image too small ({width}x{height})")
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            return self._fail(entry["id"], f"aspect ratio above {MAX_ASPECT_RATIO} ({width}x{height})")
         points = points[np.isfinite(points).all(axis=1)]
         if len(points) == 0:
-            logger.warning("skipping %s: no finite points", path)
-            return None
-        return Sample(entry["id"], image, clip_points(points, *image.size), _parse_boxes(entry.get("box_examples_coordinates")),
-                      entry["class_name"])
+            return self._fail(entry["id"], "no finite points")
+        return Sample(entry["id"], image, clip_points(points, width, height),
+                      _parse_boxes(entry.get("box_examples_coordinates")), entry["class_name"])
+
+    def _fail(self, image_id: str, reason: str) -> None:
+        """Log and remember why an image could not be used; callers count the None they get."""
+        logger.warning("skipping %s: %s", os.path.join(self.root, IMAGE_DIR, image_id), reason)
+        self.load_failures[image_id] = reason
+        return None
 
 
 def _parse_boxes(raw) -> np.ndarray:
