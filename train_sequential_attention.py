@@ -818,6 +818,8 @@ def main(argv=None) -> int:
     if summary["eval"]:
         print("  validation:  " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
     print(f"  checkpoints: {os.path.abspath(summary['checkpoint'])} and {os.path.join(out, 'checkpoint-last')}")
+    if os.path.isdir(os.path.join(out, "checkpoint-best")):
+        print(f"  best:        {os.path.join(out, 'checkpoint-best')} (lowest val count MAE)")
     if os.path.isdir(os.path.join(out, "wandb")):
         print(f"  W&B run:     {os.path.join(out, 'wandb')} (offline runs: `wandb sync {os.path.join(out, 'wandb')}/offline-run-*`)")
     return 0
