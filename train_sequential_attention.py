@@ -405,7 +405,7 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
 
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, model, val_batches: list) -> dict:
-    """Validation losses on fixed states: loss_cls, loss_reg, done accuracy, mean |xy error|."""
+    """Validation losses on fixed states: loss_cls, loss_reg, done accuracy, mean |xy error| to the target."""
     device = device_of(model)
     model.eval()
     sums = {"cls": [0.0, 0], "reg": [0.0, 0]}
@@ -420,7 +420,9 @@ def evaluate(cfg: TrainConfig, model, val_batches: list) -> dict:
             correct += int(((out["done_logit"] > 0).float().cpu() == batch.done).sum())
             total += len(batch)
         else:
-            abs_err += float((torch.stack([out["x"], out["y"]], -1).cpu() - batch.targets[:, 0]).abs().mean(-1).sum())
+            pred = torch.stack([out["x"], out["y"]], -1).float().cpu().unsqueeze(1)  # (B, 1, 2)
+            err = (pred - batch.targets).abs().mean(-1).masked_fill(~batch.target_mask, float("inf"))  # (B, M)
+            abs_err += float(err.min(1).values.sum())  # to the nearest valid target, as the loss
     model.train()
     return {
         "val/loss_cls": sums["cls"][0] / max(1, sums["cls"][1]),
