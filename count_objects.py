@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dataset_fsc147 import UsageError, clip_points, denormalize_points, draw_marks, load_rgb, mark_radius
+from train_sequential_attention import arg, device_of, load_checkpoint, parse_config
 
 
 @dataclass
@@ -81,7 +82,7 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
     if len(images) != len(class_names):
         raise ValueError("images and class_names must have the same length")
     model.eval()
-    device = model.x_head.fc1.weight.device
+    device = device_of(model)
     waiting = [_State(i, im, c) for i, (im, c) in enumerate(zip(images, class_names))][::-1]
     active: list[_State] = []
     results: list[CountResult | None] = [None] * len(images)
@@ -120,8 +121,6 @@ def points_json(result: CountResult, image_path: str, class_name: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from train_sequential_attention import arg, load_checkpoint, parse_config
-
     @dataclass
     class CountConfig:
         checkpoint: str = arg("", "checkpoint folder written by training (e.g. RUN/checkpoint-best)")

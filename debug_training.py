@@ -29,7 +29,7 @@ import torch
 from dataset_fsc147 import (FSC147Dataset, SynthConfig, UsageError, denormalize_points, normalize_points,
                             prepare_batch, write_synthetic_fsc147)
 from model_sequential_simple import compute_loss
-from train_sequential_attention import (TrainConfig, arg, build_model, build_optimizer, grad_norms, grad_verdict,
+from train_sequential_attention import (TrainConfig, arg, build_model, build_optimizer, device_of, grad_norms, grad_verdict,
                                         model_inputs, parse_config, validate_train_config)
 
 GRAD_FAIL_BELOW = 1e-4
@@ -93,7 +93,7 @@ def check_normalisation(report: Report) -> None:
 
 def total_loss(model, inputs: dict, batches: dict) -> tuple[torch.Tensor, dict]:
     """loss_cls + loss_reg on the fixed batches; also returns the outputs per mode."""
-    device = model.x_head.fc1.weight.device
+    device = device_of(model)
     outs, loss = {}, 0.0
     for mode, batch in batches.items():
         out = model(inputs[mode], counted=batch.counted)
@@ -113,7 +113,7 @@ def run_checks(cfg: DebugConfig) -> Report:
     batches = {mode: prepare_batch(samples, mode, rng, cfg.target_strategy) for mode in ("cls", "reg")}
     model = build_model(cfg)
     model.eval()  # no dropout: the loss before and after the step is measured on the same function
-    device = model.x_head.fc1.weight.device
+    device = device_of(model)
     inputs = {mode: model_inputs(model, b, device) for mode, b in batches.items()}
 
     loss, outs = total_loss(model, inputs, batches)
