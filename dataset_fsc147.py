@@ -318,8 +318,12 @@ class CountingBatch:
 
 
 def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
-                  strategy: str = "reading_order") -> CountingBatch:
+                  strategy: str = "reading_order", offset: int = 0, global_size: int | None = None) -> CountingBatch:
     """Build one counting state per image: N objects, k of them counted and marked 1..k.
+
+    With several processes, `samples` is this process's slice of a global batch of `global_size`
+    images, starting at `offset`; every process passes the same `rng` state, so the states are exactly
+    those one process would build for the whole global batch.
 
     mode "cls": half the states are done (k = N) and half not (0 <= k < N, uniform); an odd batch
       gives the extra state to either side at random, so the split is 50/50 over steps.
@@ -335,22 +339,29 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
     if strategy not in TARGET_STRATEGIES:
         raise ValueError(f"strategy must be one of {TARGET_STRATEGIES}, got {strategy!r}")
     n = len(samples)
+    total = global_size or n
+    if offset < 0 or offset + n > total:
+        raise ValueError(f"samples [{offset}, {offset + n}) do not fit in a global batch of {total}")
     if mode == "cls":
-        done_flags = np.array([True] * (n // 2) + [False] * (n // 2) + ([bool(rng.integers(2))] if n % 2 else []))
+        done_flags = np.array([True] * (total // 2) + [False] * (total // 2) + ([bool(rng.integers(2))] if total % 2 else []))
         rng.shuffle(done_flags)
     else:
-        done_flags = np.zeros(n, dtype=bool)
+        done_flags = np.zeros(total, dtype=bool)
+    # One generator per position in the global batch: a state does not depend on which process builds it.
+    seeds = rng.integers(2**63, size=total)
+    done_flags, seeds = done_flags[offset:offset + n], seeds[offset:offset + n]
 
     images, counted, candidates = [], [], []
-    for sample, done in zip(samples, done_flags):
+    for sample, done, seed in zip(samples, done_flags, seeds):
         width, height = sample.image.size
         num = len(sample.points)
-        k = num if done else int(rng.integers(0, num))
+        sample_rng = np.random.default_rng(seed)
+        k = num if done else int(sample_rng.integers(0, num))
         if strategy == "reading_order":
             order = reading_order(sample.points, sample.boxes, height)
             next_idx = order[k:k + 1]
         else:
-            order = rng.permutation(num)
+            order = sample_rng.permutation(num)
             next_idx = order[k:]
         counted_px = sample.points[order[:k]]
         images.append(draw_marks(sample.image, counted_px))
@@ -393,6 +404,7 @@ class SynthConfig:
     min_width: int = 384  # image widths are drawn uniformly in [min_width, max_width]
     max_width: int = 576
     num_classes: int = 12  # object classes (colour + shape), split 50/25/25 disjoint over train/val/test
+    shared_classes: bool = False  # every split uses all classes (held-out layouts, seen classes), as in benchmarks
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -491,6 +503,8 @@ def write_synthetic_fsc147(cfg: SynthConfig) -> dict:
     n_val_cls = max(1, (cfg.num_classes - n_train_cls) // 2)
     split_classes = {"train": classes[:n_train_cls], "val": classes[n_train_cls:n_train_cls + n_val_cls],
                      "test": classes[n_train_cls + n_val_cls:]}
+    if cfg.shared_classes:
+        split_classes = {split: classes for split in split_classes}
     n_train = round(cfg.num_images * 0.6)
     n_val = round(cfg.num_images * 0.2)
     counts = {"train": n_train, "val": n_val, "test": cfg.num_images - n_train - n_val}

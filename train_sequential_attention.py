@@ -11,7 +11,11 @@ One GPU, FSC-147 and Qwen2-VL-2B-Instruct (or ./run_sequential_attention.sh):
     python train_sequential_attention.py --data_root /path/FSC147 --batch_size 2 --epochs 10 \
         --lr 5e-5 --load_in_4bit
 
-Several GPUs: `accelerate launch` is not supported yet (see the README).
+Several GPUs (data parallel: each process takes its slice of every global batch of
+--batch_size x processes states; gradients are averaged every step; only rank 0 writes):
+    accelerate launch --multi_gpu --num_processes 4 train_sequential_attention.py --data_root /path/FSC147 \
+        --batch_size 2 --epochs 10 --load_in_4bit
+Several CPU processes (gloo; how the tests check it): the same with --device cpu.
 
 Writes OUTPUT_DIR/config.json, OUTPUT_DIR/metrics.jsonl, OUTPUT_DIR/checkpoint-<step>/, checkpoint-last/
 and an offline W&B run under OUTPUT_DIR/wandb unless WANDB_API_KEY is set (then online).
@@ -82,6 +86,8 @@ class TrainConfig:
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     epochs: int = arg(10, "passes over the training images (ignored when --max_steps > 0)")
     max_steps: int = arg(0, "optimizer steps to run (0: derived from --epochs)")
+    max_minutes: float = arg(0.0, "also stop (evaluate, save) after this many minutes of training; the lr "
+                             "schedule still spans --max_steps (0: no time limit)")
     lr: float = arg(5e-5, "learning rate, the same for every trainable parameter (LoRA, heads, token rows)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     warmup_steps: int = arg(0, "linear warmup steps")
@@ -132,6 +138,8 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
             errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.epochs == 0 and cfg.max_steps == 0:
         errors.append("one of --epochs or --max_steps must be > 0")
+    if cfg.max_minutes < 0:
+        errors.append(f"--max_minutes must be >= 0, got {cfg.max_minutes}")
     if not (0 < cfg.lr < 1):
         errors.append(f"--lr must be in (0, 1), got {cfg.lr}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -207,9 +215,11 @@ def write_json_atomic(path: str, data) -> None:
 def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    torch.cuda.set_device(device)
+    return device
 
 
 def load_processor(path: str, cfg: TrainConfig):
@@ -309,6 +319,81 @@ def device_of(model) -> torch.device:
     return model.x_head.fc1.weight.device
 
 
+# ----------------------------------------------------------------------------- several processes
+
+
+def init_distributed(cfg: TrainConfig) -> tuple[int, int]:
+    """Join the process group that `accelerate launch` (or torchrun) describes in the environment.
+
+    Returns (rank, world size); (0, 1) when started as a single process.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        gpu = cfg.device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if gpu else "gloo")
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag, true when it is true on any process (so every process takes the same branch)."""
+    if rank_and_world()[1] == 1:
+        return [bool(f) for f in flags]
+    import torch.distributed as dist
+
+    t = torch.tensor([float(bool(f)) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sync_parameters(model) -> None:
+    """Every process starts from rank 0's trainable weights (they are seeded alike; this makes it certain)."""
+    if rank_and_world()[1] == 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.requires_grad:
+            dist.broadcast(p.data, src=0)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """The mean gradient over processes, in one all_reduce (what DDP does).
+
+    Not DistributedDataParallel's wrapper: a cls step leaves the x/y heads without gradient and a reg
+    step the done_head (DDP would need find_unused_parameters), and the wrapper hides the model's own
+    methods. The processes run the same step mode, so the same parameters have gradients everywhere.
+    """
+    _, world = rank_and_world()
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    import torch.distributed as dist
+
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -319,16 +404,22 @@ def build_data(cfg: TrainConfig):
     return train, val
 
 
-def build_loader(cfg: TrainConfig, dataset, epoch: int, start_batch: int = 0) -> torch.utils.data.DataLoader:
+def build_loader(cfg: TrainConfig, dataset, epoch: int, start_batch: int = 0, rank: int = 0,
+                 world: int = 1) -> torch.utils.data.DataLoader:
     """Loader of raw samples in this epoch's shuffled order, from batch `start_batch` on (for resume).
 
     The order depends only on (seed, epoch), and the loader has its own generator, so creating it
-    never draws from the global torch RNG (whose state a resumed run restores).
+    never draws from the global torch RNG (whose state a resumed run restores). With several
+    processes, global batch b is order[b * G:(b + 1) * G] (G = batch_size x world) and process `rank`
+    loads its own slice of it, so the processes see different images and together exactly what one
+    process with --batch_size G would see.
     """
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     order = torch.randperm(len(dataset), generator=generator).tolist()
-    n_batches = max(1, len(dataset) // cfg.batch_size)  # drop the last partial batch, keep at least one
-    indices = order[start_batch * cfg.batch_size:n_batches * cfg.batch_size]
+    size = cfg.batch_size * world
+    n_batches = max(1, len(dataset) // size)  # drop the last partial batch, keep at least one
+    indices = [i for b in range(start_batch, n_batches)
+               for i in order[b * size + rank * cfg.batch_size:b * size + (rank + 1) * cfg.batch_size]]
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, collate_fn=collate_samples,
                                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(epoch))
 
@@ -390,8 +481,14 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
         (loss / len(micro_batches)).backward()
         total_loss += float(loss.detach()) / len(micro_batches)
         n_states += len(batch)
-    norms = grad_norms(model)  # before clipping: what the loss actually sent to each module
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    rank, world = rank_and_world()
+    if world > 1:
+        average_gradients(params)
+        losses = [torch.zeros(1) for _ in range(world)]
+        torch.distributed.all_gather(losses, torch.tensor([total_loss]))
+        total_loss, n_states = float(torch.cat(losses).mean()), n_states * world
+    norms = grad_norms(model)  # before clipping: what the loss actually sent to each module
     total = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
     finite = math.isfinite(total_loss) and math.isfinite(total)
     if finite:
@@ -492,14 +589,17 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
 
 
 def save_step_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> str:
-    """checkpoint-<step> and checkpoint-last; then prune to --save_total_limit."""
-    path = save_checkpoint(cfg, model, optimizer, scheduler, state, f"checkpoint-{state.step}")
-    save_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-last")
-    if cfg.save_total_limit:
-        steps = sorted(int(d.split("-", 1)[1]) for d in os.listdir(cfg.output_dir)
-                       if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit())
-        for old in steps[:-cfg.save_total_limit]:
-            shutil.rmtree(os.path.join(cfg.output_dir, f"checkpoint-{old}"), ignore_errors=True)
+    """checkpoint-<step> and checkpoint-last (rank 0 writes, the others wait); prune to --save_total_limit."""
+    path = os.path.join(cfg.output_dir, f"checkpoint-{state.step}")
+    if rank_and_world()[0] == 0:
+        save_checkpoint(cfg, model, optimizer, scheduler, state, f"checkpoint-{state.step}")
+        save_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-last")
+        if cfg.save_total_limit:
+            steps = sorted(int(d.split("-", 1)[1]) for d in os.listdir(cfg.output_dir)
+                           if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit())
+            for old in steps[:-cfg.save_total_limit]:
+                shutil.rmtree(os.path.join(cfg.output_dir, f"checkpoint-{old}"), ignore_errors=True)
+    barrier()
     return path
 
 
@@ -560,8 +660,12 @@ def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, **
 class MetricsLogger:
     """metrics.jsonl (one JSON object per event, each with `step`) + W&B."""
 
-    def __init__(self, cfg: TrainConfig, resume_step: int | None = None, run_id: str = ""):
+    def __init__(self, cfg: TrainConfig, resume_step: int | None = None, run_id: str = "", enabled: bool = True):
         self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.enabled = enabled  # False on every process but rank 0: one metrics file, one W&B run
+        self.run = None
+        if not enabled:
+            return
         if resume_step is not None and os.path.exists(self.path):
             # Events logged after the checkpoint we resume from will be logged again: drop them.
             with open(self.path, encoding="utf-8") as f:
@@ -571,6 +675,8 @@ class MetricsLogger:
         self.run = init_wandb(cfg, run_id)
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **metrics}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -666,30 +772,38 @@ def train(cfg: TrainConfig) -> dict:
 
     from tqdm.auto import tqdm
 
+    rank, world = init_distributed(cfg)
+    main_process = rank == 0  # the one that prints, evaluates and writes
+    say = print if main_process else (lambda *a, **k: None)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
-    print("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()))
+    if main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
+    barrier()
+    say("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()))
 
     train_ds, val_ds = build_data(cfg)
-    print(f"Data: {len(train_ds)} train images ({train_ds.num_skipped} skipped), "
-          f"{len(val_ds)} val images ({val_ds.num_skipped} skipped)")
+    say(f"Data: {len(train_ds)} train images ({train_ds.num_skipped} skipped), "
+        f"{len(val_ds)} val images ({val_ds.num_skipped} skipped)")
     model = build_model(cfg)
+    sync_parameters(model)
     device = device_of(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"Model: {cfg.model_name_or_path} on {device}, 4-bit={cfg.load_in_4bit}, {n_trainable:,} trainable parameters")
+    say(f"Model: {cfg.model_name_or_path} on {device}, 4-bit={cfg.load_in_4bit}, {n_trainable:,} trainable parameters"
+        + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} accumulation" if world > 1 else ""))
 
-    batches_per_epoch = max(1, len(train_ds) // cfg.batch_size)
+    batches_per_epoch = max(1, len(train_ds) // (cfg.batch_size * world))
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer, scheduler = build_optimizer(cfg, model, total_steps)
-    val_batches = fixed_val_batches(cfg, val_ds)
+    val_batches = fixed_val_batches(cfg, val_ds) if main_process else []
     state = TrainState()
     if cfg.resume:
         path = resume_path(cfg)
         state = restore_training(cfg, path, model, optimizer, scheduler)
-        print(f"Resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    metrics = MetricsLogger(cfg, resume_step=state.step if cfg.resume else None, run_id=state.wandb_run_id)
+        say(f"Resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    metrics = MetricsLogger(cfg, resume_step=state.step if cfg.resume else None, run_id=state.wandb_run_id,
+                            enabled=main_process)
     state.wandb_run_id = metrics.run.id if metrics.run is not None else ""
     metrics.log(state.step, {"event": "resume" if cfg.resume else "start", "train_images": len(train_ds),
                              "val_images": len(val_ds), "train_skipped": train_ds.num_skipped,
@@ -697,19 +811,22 @@ def train(cfg: TrainConfig) -> dict:
                              "trainable_params": n_trainable})
 
     stop, previous_handlers = install_stop_handlers()
-    progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not main_process)
     checked, last_eval = set(), {}
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else float("inf")
+    out_of_time = False
     try:
-        while state.step < total_steps and not stop["signal"]:
+        while state.step < total_steps and not stop["signal"] and not out_of_time:
             pending = []
-            for samples in build_loader(cfg, train_ds, state.epoch, state.batch_in_epoch):
+            for samples in build_loader(cfg, train_ds, state.epoch, state.batch_in_epoch, rank, world):
                 state.batch_in_epoch += 1
-                state.skipped_images += cfg.batch_size - len(samples) if len(train_ds) >= cfg.batch_size else 0
-                if not samples:
+                state.skipped_images += cfg.batch_size - len(samples) if len(train_ds) >= cfg.batch_size * world else 0
+                if any_rank(not samples)[0]:  # a process with no readable image: every process skips the batch
                     continue
                 mode = step_mode(state.step)
-                rng = np.random.default_rng([cfg.seed, state.step, len(pending)])
-                pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy))
+                rng = np.random.default_rng([cfg.seed, state.step, len(pending)])  # the same in every process
+                pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy, offset=rank * cfg.batch_size,
+                                             global_size=cfg.batch_size * world))
                 if len(pending) < cfg.grad_accum:
                     continue
                 t0 = time.perf_counter()
@@ -726,8 +843,9 @@ def train(cfg: TrainConfig) -> dict:
                 if not result["finite"]:
                     state.bad_steps += 1
                     state.total_bad_steps += 1
-                    tqdm.write(f"step {state.step}: non-finite loss or gradient, update skipped "
-                               f"({state.bad_steps} in a row); images {', '.join(result['ids'])}")
+                    if main_process:
+                        tqdm.write(f"step {state.step}: non-finite loss or gradient, update skipped "
+                                   f"({state.bad_steps} in a row); images {', '.join(result['ids'])}")
                     if state.bad_steps >= cfg.max_bad_steps:
                         path = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
                         raise TrainingStopped(f"{state.bad_steps} consecutive steps had a non-finite loss or gradient "
@@ -735,17 +853,24 @@ def train(cfg: TrainConfig) -> dict:
                                               "README's debugging guide: lower --lr, keep --grad_clip.")
                 else:
                     state.bad_steps = 0
-                if state.epoch == 0 and result["finite"] and (
+                if main_process and state.epoch == 0 and result["finite"] and (
                         mode not in checked or (cfg.grad_check_every and state.step % cfg.grad_check_every == 0)):
                     checked.add(mode)
                     print_grad_check(mode, result["grad_norms"])
                 progress.update(1)
                 progress.set_postfix({f"loss_{mode}": f"{result['loss']:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
-                if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps:
-                    last_eval = run_evaluation(cfg, model, optimizer, scheduler, state, val_batches, val_ds, metrics)
+                out_of_time, signalled = any_rank(time.monotonic() > deadline, stop["signal"])
+                if signalled and not stop["signal"]:
+                    stop["signal"] = "a signal to another process"
+                if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps or out_of_time:
+                    if main_process:
+                        last_eval = run_evaluation(cfg, model, optimizer, scheduler, state, val_batches, val_ds, metrics)
+                    barrier()
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                    tqdm.write(f"saved {save_step_checkpoint(cfg, model, optimizer, scheduler, state)}")
-                if state.step >= total_steps or stop["signal"]:
+                    path = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
+                    if main_process:
+                        tqdm.write(f"saved {path}")
+                if state.step >= total_steps or stop["signal"] or out_of_time:
                     break
             else:
                 state.epoch += 1
@@ -756,10 +881,13 @@ def train(cfg: TrainConfig) -> dict:
             signal.signal(sig, handler)
     final = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
     end_event = {"event": "interrupted", "signal": stop["signal"]} if stop["signal"] else {"event": "end"}
+    if out_of_time and main_process:
+        end_event["stopped_by"] = f"--max_minutes {cfg.max_minutes}"
+        tqdm.write(f"--max_minutes {cfg.max_minutes} reached at step {state.step} of {total_steps}")
     metrics.log(state.step, {**end_event, "skipped_images": state.skipped_images,
                              "bad_steps": state.total_bad_steps, **last_eval})
     metrics.finish()
-    return {"steps": state.step, "checkpoint": final, "output_dir": cfg.output_dir, "eval": last_eval,
+    return {"steps": state.step, "checkpoint": final, "output_dir": cfg.output_dir, "eval": last_eval, "rank": rank,
             "interrupted": stop["signal"], "bad_steps": state.total_bad_steps, "skipped_images": state.skipped_images}
 
 
@@ -805,6 +933,11 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1
+    finally:
+        if rank_and_world()[1] > 1:
+            torch.distributed.destroy_process_group()
+    if summary["rank"] != 0:
+        return 0  # rank 0 reports
     out = os.path.abspath(summary["output_dir"])
     if summary["interrupted"]:
         print(f"\nInterrupted by {summary['interrupted']} at step {summary['steps']}; saved {os.path.abspath(summary['checkpoint'])}.")
