@@ -202,7 +202,9 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
         b, device = base.shape[0], base.device
         query = self.token_proj(base)  # (B, 3, D)
         tokens, token_xy, token_mask = self.image_tokens(hidden, inputs["input_ids"], inputs["image_grid_thw"])
-        tokens = self.image_proj(tokens.float())  # (B, N, D)
+        # Each image token also carries its grid position: the backbone's rotary positions shape attention
+        # scores but never reach the values, so without this no glimpse could say *where* it looked.
+        tokens = self.image_proj(tokens.float()) + self.point_encoding(token_xy)  # (B, N, D)
         points, point_mask, lengths = self.counted_tensor(counted, b, device)
         objects = self.point_encoding(points) + self.sample_at_points(tokens, token_xy, token_mask, points)  # (B, K, D)
 
