@@ -22,6 +22,7 @@ image the model is fed: normalising against the stored image is normalising agai
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -259,12 +260,33 @@ def mark_radius(width: int, height: int) -> int:
     return max(4, round(min(width, height) / 40))
 
 
+@functools.lru_cache(maxsize=4096)
+def _mark_stamp(label: str, r: int) -> tuple[Image.Image, int]:
+    """One numbered mark as an RGBA image and its centre offset; drawn once per (label, radius), then pasted.
+
+    Rendering the number (twice, for its stroke) costs most of a mark; training draws the same few
+    labels at the same few radii millions of times.
+    """
+    font = _font(max(8, round(1.3 * r)))
+    stroke = max(1, r // 5)
+    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), label, font=font, anchor="mm", stroke_width=stroke)
+    c = int(math.ceil(max(r + stroke, -left, right, -top, bottom))) + 1  # half size: disc and text fit
+    stamp = Image.new("RGBA", (2 * c + 1, 2 * c + 1), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(stamp)
+    draw.ellipse([c - r - stroke, c - r - stroke, c + r + stroke, c + r + stroke], fill=(0, 0, 0, 255))
+    draw.ellipse([c - r, c - r, c + r, c + r], fill=(220, 30, 30, 255), outline=(255, 255, 255, 255), width=stroke)
+    draw.text((c, c), label, fill=(255, 255, 255, 255), font=font, anchor="mm", stroke_width=stroke,
+              stroke_fill=(0, 0, 0, 255))
+    return stamp, c
+
+
 def draw_marks(image: Image.Image, points, labels=None) -> Image.Image:
     """Return a copy of `image` with a numbered mark (1, 2, ...) at each counted point.
 
     A filled red disc with a white-then-black outline, and a white number with a black stroke: one
     of the two outlines contrasts with any background. Radius and font size scale with the image.
-    Deterministic: the same inputs give the same pixels.
+    Deterministic: the same inputs give the same pixels (marks sit on the nearest whole pixel).
     """
     out = image.convert("RGB")  # convert() copies, so the caller's image is untouched
     points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
@@ -272,14 +294,9 @@ def draw_marks(image: Image.Image, points, labels=None) -> Image.Image:
         return out
     labels = labels if labels is not None else range(1, len(points) + 1)
     r = mark_radius(*out.size)
-    font = _font(max(8, round(1.3 * r)))
-    stroke = max(1, r // 5)
-    draw = ImageDraw.Draw(out)
     for (x, y), label in zip(points, labels):
-        draw.ellipse([x - r - stroke, y - r - stroke, x + r + stroke, y + r + stroke], fill=(0, 0, 0))
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=(220, 30, 30), outline=(255, 255, 255), width=stroke)
-        draw.text((float(x), float(y)), str(label), fill=(255, 255, 255), font=font, anchor="mm",
-                  stroke_width=stroke, stroke_fill=(0, 0, 0))
+        stamp, c = _mark_stamp(str(label), r)
+        out.paste(stamp, (int(round(float(x))) - c, int(round(float(y))) - c), stamp)
     return out
 
 
@@ -318,7 +335,8 @@ class CountingBatch:
 
 
 def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
-                  strategy: str = "reading_order", offset: int = 0, global_size: int | None = None) -> CountingBatch:
+                  strategy: str = "reading_order", offset: int = 0, global_size: int | None = None,
+                  near_done: float = 0.0) -> CountingBatch:
     """Build one counting state per image: N objects, k of them counted and marked 1..k.
 
     With several processes, `samples` is this process's slice of a global batch of `global_size`
@@ -326,7 +344,9 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
     those one process would build for the whole global batch.
 
     mode "cls": half the states are done (k = N) and half not (0 <= k < N, uniform); an odd batch
-      gives the extra state to either side at random, so the split is 50/50 over steps.
+      gives the extra state to either side at random, so the split is 50/50 over steps. With
+      `near_done` > 0, that fraction of the not-done states has k = N - 1 (one object left: the
+      state the counting loop must not stop at, and the rarest under uniform k).
     mode "reg": only not-done states; the target is the next object, by `strategy`:
       - "reading_order" (default): objects are counted in reading order (`reading_order`); the
         marks are the first k and the single target is object k + 1. One right answer per state.
@@ -356,7 +376,12 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
         width, height = sample.image.size
         num = len(sample.points)
         sample_rng = np.random.default_rng(seed)
-        k = num if done else int(sample_rng.integers(0, num))
+        if done:
+            k = num
+        elif mode == "cls" and sample_rng.random() < near_done:
+            k = num - 1
+        else:
+            k = int(sample_rng.integers(0, num))
         if strategy == "reading_order":
             order = reading_order(sample.points, sample.boxes, height)
             next_idx = order[k:k + 1]

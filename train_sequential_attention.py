@@ -63,6 +63,8 @@ class TrainConfig:
     train_split: str = arg("train", "split to train on")
     val_split: str = arg("val", "split for validation losses")
     max_train_images: int = arg(0, "use only the first N training images (0: all)")
+    near_done_fraction: float = arg(0.0, "fraction of not-done cls states with exactly one object left "
+                                    "(k = N - 1) instead of uniform k; validation states stay uniform")
     target_strategy: str = arg("reading_order", "which object is 'next': reading_order (single target, "
                                "rows top to bottom, left to right) or nearest (loss to the nearest uncounted object)")
     # model
@@ -138,6 +140,8 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
             errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.epochs == 0 and cfg.max_steps == 0:
         errors.append("one of --epochs or --max_steps must be > 0")
+    if not 0 <= cfg.near_done_fraction <= 1:
+        errors.append(f"--near_done_fraction must be in [0, 1], got {cfg.near_done_fraction}")
     if cfg.max_minutes < 0:
         errors.append(f"--max_minutes must be >= 0, got {cfg.max_minutes}")
     if not (0 < cfg.lr < 1):
@@ -826,7 +830,7 @@ def train(cfg: TrainConfig) -> dict:
                 mode = step_mode(state.step)
                 rng = np.random.default_rng([cfg.seed, state.step, len(pending)])  # the same in every process
                 pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy, offset=rank * cfg.batch_size,
-                                             global_size=cfg.batch_size * world))
+                                             global_size=cfg.batch_size * world, near_done=cfg.near_done_fraction))
                 if len(pending) < cfg.grad_accum:
                     continue
                 t0 = time.perf_counter()

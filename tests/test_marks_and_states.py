@@ -72,6 +72,19 @@ def test_classification_batches_are_balanced():
     assert 0.45 < done_total / 1200 < 0.55
 
 
+def test_near_done_states_leave_exactly_one_object():
+    samples = [make_sample([[10 + 20 * i, 50] for i in range(n)]) for n in (2, 3, 4, 5, 6, 7, 8, 9)]
+    rng = np.random.default_rng(3)
+    left = lambda batch: [n - len(c) for d, c, n in zip(batch.done, batch.counted, batch.num_objects) if not d]
+    for _ in range(10):
+        always = prepare_batch(samples, "cls", rng, near_done=1.0)
+        assert always.done.sum() == 4 and set(left(always)) == {1}  # still a 50/50 split
+    uniform = [x for _ in range(20) for x in left(prepare_batch(samples, "cls", rng, near_done=0.0))]
+    assert max(uniform) > 3  # uniform k leaves several objects in many states
+    reg = prepare_batch(samples, "reg", rng, near_done=1.0)  # regression states keep uniform k
+    assert len({len(c) for c in reg.counted}) > 1
+
+
 def test_regression_targets_follow_reading_order():
     pts = [[150, 20], [20, 22], [80, 90], [30, 100]]
     sample = make_sample(pts)

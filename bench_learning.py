@@ -1,0 +1,328 @@
+"""Synthetic counting benchmark: does the sequential counter learn, and which variant learns best?
+
+Builds a synthetic dataset in the FSC-147 layout and a tiny random Qwen2-VL, trains every variant from
+scratch with the same seed, data and budget (the project's own training loop), then counts the held-out
+test images with the full sequential loop (draw marks, predict, add the point, until done).
+
+    python bench_learning.py --output_dir runs/bench_learning --steps 300          # a quick look (CPU)
+    python bench_learning.py --output_dir runs/bench_learning --steps 6000 --minutes 20 \\
+        --variants mean,attention                                                  # the 20-minute goal run
+
+Variants (--variants, comma-separated):
+  mean                 always predict the training split's mean count (rounded for exact accuracy)
+  simple, attention    model type; reading_order targets (one right next object)
+  simple-nearest, attention-nearest
+                       the same with the nearest-uncounted target strategy (min-over-targets loss)
+
+The backbone is trained as --finetune says: lora4bit (4-bit NF4 + LoRA, the real recipe; by default
+LoRA also reaches the random vision encoder, which has nothing pretrained to keep) or lora (the same
+LoRA on a full-precision backbone).
+
+Writes OUTPUT_DIR/results.json, results.md (table) and learning.png (training losses and val count MAE
+per variant), plus data/, model/ and one training run folder per variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dataset_fsc147 import FSC147Dataset, SynthConfig, UsageError, write_synthetic_fsc147
+from train_sequential_attention import TrainConfig, arg, parse_config, write_json_atomic
+
+VARIANT_MODELS = ("simple", "attention")
+TEXT_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+VISION_LORA = "qkv,proj,fc1,fc2"  # Qwen2-VL vision blocks (attention qkv/proj, MLP fc1/fc2)
+
+
+@dataclass
+class BenchConfig:
+    output_dir: str = arg("runs/bench_learning", "folder for data/, model/, one run per variant and the results")
+    variants: str = arg("mean,simple,attention,attention-nearest",
+                        "comma-separated variants: mean, simple, attention, simple-nearest, attention-nearest")
+    steps: int = arg(1000, "optimizer steps per trained variant (the lr schedule spans them)")
+    minutes: float = arg(0.0, "also stop each variant after this many minutes of training (0: no limit)")
+    seed: int = arg(0, "seed for data, tiny-model weights, heads and training order")
+    # data
+    num_images: int = arg(1500, "synthetic images over all splits (60% train, 20% val, 20% test)")
+    min_objects: int = arg(1, "fewest objects per image")
+    max_objects: int = arg(10, "most objects per image")
+    image_size: int = arg(112, "synthetic image height; widths are drawn in [size, 1.25 * size]")
+    num_classes: int = arg(6, "object classes (shape + colour)")
+    shared_classes: bool = arg(True, "test images show classes seen in training, in unseen layouts "
+                               "(--no-shared_classes: disjoint classes per split, as FSC-147)")
+    # tiny model
+    vision_width: int = arg(128, "tiny vision encoder width (multiple of 64)")
+    vision_depth: int = arg(2, "tiny vision encoder blocks")
+    text_width: int = arg(128, "tiny language model width (multiple of 64)")
+    text_layers: int = arg(2, "tiny language model layers")
+    # training (passed to train_sequential_attention.py)
+    finetune: str = arg("lora4bit", "lora4bit (4-bit NF4 backbone + LoRA) or lora (full-precision backbone + LoRA)")
+    lora_vision: bool = arg(True, "LoRA also on the vision encoder (qkv, proj, fc1, fc2), not only the language model")
+    lora_r: int = arg(32, "LoRA rank")
+    batch_size: int = arg(8, "counting states per optimizer step")
+    lr: float = arg(3e-4, "learning rate (one for every trainable parameter)")
+    warmup_steps: int = arg(100, "linear warmup steps")
+    lr_schedule: str = arg("cosine", "cosine or constant")
+    near_done_fraction: float = arg(0.0, "fraction of not-done cls states with one object left (k = N - 1)")
+    attention_dim: int = arg(128, "width of the attention model's modules")
+    head_hidden: int = arg(128, "hidden width of x_head, y_head, done_head")
+    eval_every: int = arg(250, "validation losses and val count MAE every N steps (the curves)")
+    eval_images: int = arg(40, "val images counted at each evaluation; the best MAE gives checkpoint-best")
+    # counting evaluation
+    test_images: int = arg(0, "test images counted at the end (0: the whole test split)")
+    max_count: int = arg(20, "counting loop: stop an image after this many points")
+    done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this")
+    num_workers: int = arg(0, "DataLoader workers per training run (0: decode in the training process)")
+
+
+def validate(cfg: BenchConfig) -> list[str]:
+    """Every problem with the config at once."""
+    errors = []
+    for name in parse_variants(cfg.variants):
+        model = name.removesuffix("-nearest")
+        if name != "mean" and model not in VARIANT_MODELS:
+            errors.append(f"--variants: unknown {name!r}; use mean, simple, attention, simple-nearest, attention-nearest")
+    if not parse_variants(cfg.variants):
+        errors.append("--variants must name at least one variant")
+    if cfg.finetune not in ("lora4bit", "lora"):
+        errors.append(f"--finetune must be lora4bit or lora, got {cfg.finetune!r}")
+    if cfg.steps < 1:
+        errors.append(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.minutes < 0:
+        errors.append(f"--minutes must be >= 0, got {cfg.minutes}")
+    if cfg.num_images < 5:
+        errors.append(f"--num_images must be >= 5, got {cfg.num_images}")
+    if not 1 <= cfg.min_objects <= cfg.max_objects:
+        errors.append("need 1 <= --min_objects <= --max_objects")
+    if cfg.image_size < 64:
+        errors.append(f"--image_size must be >= 64, got {cfg.image_size}")
+    for name in ("vision_width", "text_width"):
+        if getattr(cfg, name) % 64 or getattr(cfg, name) <= 0:
+            errors.append(f"--{name} must be a positive multiple of 64")
+    for name in ("batch_size", "lora_r", "eval_images", "max_count", "vision_depth", "text_layers"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be >= 1")
+    if cfg.eval_every < 0 or cfg.test_images < 0 or cfg.warmup_steps < 0 or cfg.num_workers < 0:
+        errors.append("--eval_every, --test_images, --warmup_steps and --num_workers must be >= 0")
+    if not 0 < cfg.lr < 1:
+        errors.append(f"--lr must be in (0, 1), got {cfg.lr}")
+    return errors
+
+
+def parse_variants(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def build_bench_data(cfg: BenchConfig) -> str:
+    """Synthetic FSC-147 under OUTPUT_DIR/data (reused when it was written with the same settings)."""
+    synth = SynthConfig(out=os.path.join(cfg.output_dir, "data"), num_images=cfg.num_images, seed=cfg.seed,
+                        min_objects=cfg.min_objects, max_objects=cfg.max_objects, image_height=cfg.image_size,
+                        min_width=cfg.image_size, max_width=round(1.25 * cfg.image_size),
+                        num_classes=cfg.num_classes, shared_classes=cfg.shared_classes)
+    return _reuse_or_build(synth.out, asdict(synth), lambda: write_synthetic_fsc147(synth))
+
+
+def build_bench_model(cfg: BenchConfig) -> str:
+    """Tiny random Qwen2-VL under OUTPUT_DIR/model (reused when built with the same settings)."""
+    from tiny_qwen2vl import TinyConfig, build_tiny_qwen2vl
+
+    side = 28 * math.ceil(cfg.image_size / 28)
+    tiny = TinyConfig(out=os.path.join(cfg.output_dir, "model"), seed=cfg.seed, vision_width=cfg.vision_width,
+                      vision_depth=cfg.vision_depth, text_width=cfg.text_width, text_layers=cfg.text_layers,
+                      min_pixels=side * side, max_pixels=2 * side * side)
+    return _reuse_or_build(tiny.out, asdict(tiny), lambda: build_tiny_qwen2vl(tiny))
+
+
+def _reuse_or_build(folder: str, settings: dict, build) -> str:
+    stamp = os.path.join(folder, "bench_settings.json")
+    if os.path.exists(stamp):
+        with open(stamp, encoding="utf-8") as f:
+            if json.load(f) == settings:
+                return folder
+    build()
+    write_json_atomic(stamp, settings)
+    return folder
+
+
+def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str) -> TrainConfig:
+    """The training run of one variant: same data, model, seed and budget as every other variant."""
+    side = 28 * math.ceil(cfg.image_size / 28)
+    targets = TEXT_LORA + ("," + VISION_LORA if cfg.lora_vision else "")
+    return TrainConfig(
+        data_root=data_root, model_name_or_path=model_dir, output_dir=os.path.join(cfg.output_dir, variant),
+        model_type=variant.removesuffix("-nearest"),
+        target_strategy="nearest" if variant.endswith("-nearest") else "reading_order",
+        load_in_4bit=cfg.finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
+        lora_target_modules=targets, attention_dim=cfg.attention_dim, head_hidden=cfg.head_hidden,
+        min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,
+        max_minutes=cfg.minutes, lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule,
+        near_done_fraction=cfg.near_done_fraction,
+        seed=cfg.seed, log_every=1, eval_every=cfg.eval_every, eval_states=32, eval_images=cfg.eval_images,
+        eval_overlays=0, max_count=cfg.max_count, done_threshold=cfg.done_threshold, save_every=0,
+        grad_check_every=0, num_workers=cfg.num_workers, device="cpu", wandb_mode="disabled",
+    )
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def exact_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
+    return float(np.mean(pred == gt))
+
+
+def run_mean_baseline(cfg: BenchConfig, data_root: str, test: FSC147Dataset) -> dict:
+    """Always the training mean, on the same test images: MAE/RMSE of the mean, exact accuracy of it rounded."""
+    train = FSC147Dataset(data_root, "train")
+    mean = float(np.mean([len(e["points"]) for e in train.entries]))
+    entries = test.entries[:cfg.test_images] if cfg.test_images else test.entries
+    gt = np.array([len(e["points"]) for e in entries], dtype=np.float64)
+    return {"variant": "mean", "status": "ok", "train_mean_count": mean, "mae": float(np.abs(gt - mean).mean()),
+            "rmse": float(math.sqrt(((gt - mean) ** 2).mean())), "bias": float(np.mean(mean - gt)), "exact_acc": exact_accuracy(np.full_like(gt, np.round(mean)), gt),
+            "n_images": len(gt)}
+
+
+def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, test: FSC147Dataset) -> dict:
+    """Train one variant, then count the test split with its checkpoint-best (lowest val count MAE)."""
+    from evaluate_counting import count_dataset
+    from train_sequential_attention import evaluate, fixed_val_batches, load_checkpoint, train
+
+    tcfg = train_config(cfg, variant, data_root, model_dir)
+    start = time.perf_counter()
+    try:
+        summary = train(tcfg)
+    except (UsageError, RuntimeError, ValueError) as e:  # a failed variant is a result too
+        return {"variant": variant, "status": f"failed: {type(e).__name__}: {e}"}
+    train_s = time.perf_counter() - start
+    checkpoint = os.path.join(tcfg.output_dir, "checkpoint-best")
+    if not os.path.isdir(checkpoint):
+        checkpoint = os.path.join(tcfg.output_dir, "checkpoint-last")
+    model, _ = load_checkpoint(checkpoint, device="cpu")
+    records, counting, _, _ = count_dataset(model, test, batch_size=8, done_threshold=cfg.done_threshold,
+                                            max_count=cfg.max_count, max_images=cfg.test_images, progress=True)
+    states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), test))
+    pred = np.array([r["pred_count"] for r in records])
+    gt = np.array([r["gt_count"] for r in records])
+    return {
+        "variant": variant, "status": "ok", "model_type": tcfg.model_type, "target_strategy": tcfg.target_strategy,
+        "steps": summary["steps"], "train_minutes": train_s / 60, "checkpoint": checkpoint,
+        "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)), **{k: counting[k] for k in ("mae", "rmse", "nae", "precision",
+                                                                           "recall", "f1", "n_capped", "n_images")},
+        "done_acc": states["val/done_acc"], "xy_abs_err": states["val/xy_abs_err"],
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def read_curves(run_dir: str) -> dict:
+    """Training losses per step and val count MAE per evaluation, from metrics.jsonl."""
+    curves = {"cls": [], "reg": [], "val_mae": []}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return curves
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("event") == "eval" and "val/count_mae" in r:
+                curves["val_mae"].append((r["step"], r["val/count_mae"]))
+            elif r.get("event") is None:
+                for mode in ("cls", "reg"):
+                    if f"loss_{mode}" in r:
+                        curves[mode].append((r["step"], r[f"loss_{mode}"]))
+    return curves
+
+
+def plot_curves(cfg: BenchConfig, results: list[dict], path: str) -> None:
+    """learning.png: smoothed loss_cls, loss_reg and val count MAE per step, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for res in results:
+        curves = read_curves(os.path.join(cfg.output_dir, res["variant"]))
+        for ax, key in zip(axes, ("cls", "reg", "val_mae")):
+            if not curves[key]:
+                continue
+            steps, values = map(np.array, zip(*curves[key]))
+            if key != "val_mae" and len(values) > 20:
+                window = max(1, len(values) // 25)
+                values = np.convolve(values, np.ones(window) / window, mode="valid")
+                steps = steps[window - 1:]
+            ax.plot(steps, values, label=res["variant"], marker="o" if key == "val_mae" else None)
+    mean = next((r for r in results if r["variant"] == "mean"), None)
+    if mean:
+        axes[2].axhline(mean["mae"], color="grey", linestyle="--", label="mean baseline (test)")
+    for ax, title in zip(axes, ("training loss_cls (BCE, smoothed)", "training loss_reg (MSE, smoothed)",
+                                "val count MAE (full counting loop)")):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown_table(results: list[dict]) -> str:
+    cols = [("variant", "variant", "{}"), ("steps", "steps", "{}"), ("train_minutes", "train min", "{:.1f}"),
+            ("exact_acc", "exact acc", "{:.3f}"), ("mae", "MAE", "{:.3f}"), ("rmse", "RMSE", "{:.3f}"),
+            ("bias", "mean pred - gt", "{:+.2f}"),
+            ("f1", "loc F1", "{:.3f}"), ("done_acc", "done acc", "{:.3f}"), ("n_capped", "capped", "{}"),
+            ("status", "status", "{}")]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        lines.append("| " + " | ".join(fmt.format(r[k]) if k in r else "-" for k, _, fmt in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(BenchConfig, argv, __doc__, validate)
+    print("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        data_root, model_dir = build_bench_data(cfg), build_bench_model(cfg)
+        test = FSC147Dataset(data_root, "test")
+        results = []
+        for variant in parse_variants(cfg.variants):
+            print(f"\n=== {variant} ===")
+            res = run_mean_baseline(cfg, data_root, test) if variant == "mean" else run_variant(cfg, variant, data_root, model_dir, test)
+            results.append(res)
+            print(json.dumps(res, indent=1))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = {"config": asdict(cfg), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "cpu_threads": _threads(), "results": results}
+    write_json_atomic(os.path.join(cfg.output_dir, "results.json"), report)
+    table = markdown_table(results)
+    with open(os.path.join(cfg.output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(f"Test split: {results[0].get('n_images', '?')} held-out images, {cfg.min_objects}-{cfg.max_objects} "
+                f"objects; {cfg.finetune}; {cfg.steps} steps (max {cfg.minutes or '-'} min) per variant.\n\n{table}\n")
+    plot_curves(cfg, results, os.path.join(cfg.output_dir, "learning.png"))
+    print("\n" + table)
+    print(f"\nWrote {os.path.join(cfg.output_dir, 'results.json')}, results.md and learning.png")
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The benchmarks run end to end on a tiny budget and write what RESULTS.md quotes."""
+
+import json
+import os
+
+import pytest
+
+import bench_learning
+import bench_speed
+
+
+def test_bench_learning_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = bench_learning.main(["--output_dir", str(out), "--variants", "mean,simple,attention-nearest",
+                                "--steps", "4", "--num_images", "25", "--max_objects", "4", "--eval_every", "2",
+                                "--eval_images", "2", "--test_images", "3", "--max_count", "5", "--warmup_steps", "1"])
+    assert code == 0
+    report = json.load(open(out / "results.json"))
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"mean", "simple", "attention-nearest"}
+    assert rows["attention-nearest"]["target_strategy"] == "nearest"
+    assert rows["simple"]["model_type"] == "simple" and rows["simple"]["steps"] == 4
+    for row in rows.values():
+        assert row["status"] == "ok" and 0 <= row["exact_acc"] <= 1 and row["mae"] >= 0
+    # the mean baseline is the training split's mean count, scored on the same test images
+    assert rows["simple"]["n_images"] == rows["mean"]["n_images"] == 3
+    table = open(out / "results.md").read()
+    assert "| attention-nearest | 4 |" in table and "| mean |" in table
+    assert os.path.getsize(out / "learning.png") > 1000
+    # data and model are reused when the settings match
+    stamp = os.path.getmtime(out / "data" / "bench_settings.json")
+    assert bench_learning.main(["--output_dir", str(out), "--variants", "mean", "--num_images", "25",
+                                "--max_objects", "4"]) == 0
+    assert os.path.getmtime(out / "data" / "bench_settings.json") == stamp
+
+
+def test_bench_learning_rejects_unknown_variants(capsys):
+    with pytest.raises(SystemExit):
+        bench_learning.main(["--variants", "mean,transformer", "--steps", "0"])
+    err = capsys.readouterr().err
+    assert "unknown 'transformer'" in err and "--steps must be >= 1" in err
+
+
+def test_bench_speed_reports_ratios(tmp_path):
+    out = tmp_path / "speed.json"
+    assert bench_speed.main(["--batch_size", "2", "--repeats", "1", "--num_images", "8", "--no-counting",
+                             "--out", str(out)]) == 0
+    result = json.load(open(out))
+    step, data = result["step"], result["data"]
+    assert step["ratio"] == pytest.approx(step["train_step_s"] / step["bare_forward_backward_s"])
+    assert step["ratio"] > 0 and data["states_plus_processor_over_processor"] > 0
+    assert set(data["loader_samples_per_s"]) == {"0", "2"}
