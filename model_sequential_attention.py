@@ -6,6 +6,7 @@ to counted objects and reasoning, each joined to the heads through a residual pa
           +-> query --+-- working memory (GRU over counted points)       --+        |
     image-token states +-- foveation (attention near the last point)       +-> sum -> reasoning -> out_proj
     counted points ----+-- cross-attention (query over counted objects)  --+
+    foveation's pointer (where it looked) + x_head, y_head outputs --> x, y
 
 Why it trains where the original pipeline did not (that one gave working memory and foveation exactly
 zero gradient): the heads read `base + out_proj(fused)`, so the simple model's features always reach
@@ -65,7 +66,10 @@ class WorkingMemory(nn.Module):
 
 
 class Foveation(nn.Module):
-    """Attention over image tokens, biased towards a Gaussian region around the last counted point."""
+    """Attention over image tokens, biased towards a Gaussian region around the last counted point.
+
+    Returns the glimpse (what it saw) and where it looked (the attention-weighted token position).
+    """
 
     def __init__(self, dim: int):
         super().__init__()
@@ -82,7 +86,9 @@ class Foveation(nn.Module):
         scores = (self.k(tokens) @ self.q(query).unsqueeze(-1)).squeeze(-1) / math.sqrt(tokens.shape[-1])
         scores = scores - dist2 / (2 * self.log_sigma.exp() ** 2)
         weights = scores.masked_fill(~token_mask, float("-inf")).softmax(-1)  # (B, N)
-        return (weights.unsqueeze(1) @ self.v(tokens)).squeeze(1)  # (B, D)
+        glimpse = (weights.unsqueeze(1) @ self.v(tokens)).squeeze(1)  # (B, D)
+        where = (weights.unsqueeze(1) @ token_xy).squeeze(1)  # (B, 2)
+        return glimpse, where
 
 
 class CrossAttentionToCounted(nn.Module):
@@ -208,18 +214,20 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
         points, point_mask, lengths = self.counted_tensor(counted, b, device)
         objects = self.point_encoding(points) + self.sample_at_points(tokens, token_xy, token_mask, points)  # (B, K, D)
 
-        fused = query
+        fused, pointer = query, None
         if "memory" in self.enabled:
             fused = fused + self.working_memory(objects, lengths).unsqueeze(1)
         if "foveation" in self.enabled:
             last = points[torch.arange(b, device=device), (lengths - 1).clamp(min=0)]  # (B, 2)
-            glimpse = self.foveation(query.mean(1), tokens, token_xy, token_mask, last, lengths > 0)
+            glimpse, pointer = self.foveation(query.mean(1), tokens, token_xy, token_mask, last, lengths > 0)
             fused = fused + glimpse.unsqueeze(1)
         if "cross_attention" in self.enabled:
             fused = fused + self.cross_attention(query, objects, point_mask)
         if "reasoning" in self.enabled:
             fused = self.reasoning(fused)
-        return self.predict(base + self.out_proj(fused))
+        # With foveation, x_head and y_head give an offset from where it looked: choosing a token by
+        # attention is an easier problem than regressing a coordinate from features without position.
+        return self.predict(base + self.out_proj(fused), pointer)
 
     def module_groups(self) -> dict[str, list[nn.Parameter]]:
         """Heads, token rows and LoRA (as the simple model) plus every attention module."""

@@ -115,11 +115,19 @@ class SimpleSequentialModel(nn.Module):
             feats.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), pos])
         return torch.stack(feats, 1).float()  # (B, 3, H)
 
-    def predict(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Heads on (B, 3, H) features -> x, y (clamped), done_logit, each (B,)."""
-        x = self.x_head(feats[:, 0]).clamp(-COORD_CLAMP, COORD_CLAMP)
-        y = self.y_head(feats[:, 1]).clamp(-COORD_CLAMP, COORD_CLAMP)
-        return {"x": x, "y": y, "done_logit": self.done_head(feats[:, 2])}
+    def predict(self, feats: torch.Tensor, pointer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Heads on (B, 3, H) features -> x, y (clamped), done_logit, each (B,).
+
+        pointer (B, 2): a location the heads' x, y are added to (the attention model's foveation).
+        """
+        x, y = self.x_head(feats[:, 0]), self.y_head(feats[:, 1])
+        if pointer is not None:
+            x, y = x + pointer[:, 0], y + pointer[:, 1]
+        x, y = x.clamp(-COORD_CLAMP, COORD_CLAMP), y.clamp(-COORD_CLAMP, COORD_CLAMP)
+        out = {"x": x, "y": y, "done_logit": self.done_head(feats[:, 2])}
+        if pointer is not None:
+            out["pointer"] = pointer
+        return out
 
     def forward(self, inputs: dict[str, torch.Tensor], counted=None) -> dict[str, torch.Tensor]:
         """inputs from `build_inputs` (on the model's device). `counted` is unused here."""

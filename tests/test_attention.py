@@ -117,14 +117,19 @@ def test_each_subset_trains_with_decreasing_loss(attention_config, mixed_batches
     assert losses[-1] < losses[0], losses
 
 
-def test_starts_close_to_the_simple_model(attention_config, train_config, mixed_batches):
+def test_starts_close_to_the_simple_model_plus_the_pointer(attention_config, train_config, mixed_batches):
     simple = build_model(train_config)  # same seed: same LoRA, heads and token rows
     attention = build_model(attention_config)
     batch = mixed_batches["reg"]
     with torch.no_grad():
         a = simple(model_inputs(simple, batch, CPU))
         b = attention(model_inputs(attention, batch, CPU), counted=batch.counted)
-    assert (a["x"] - b["x"]).abs().max() < 0.5 and not torch.equal(a["x"], b["x"])
+    # done starts near the simple model's; x, y start near the simple model's value added to where the
+    # foveation looks (its pointer).
+    assert (a["done_logit"] - b["done_logit"]).abs().max() < 0.5 and not torch.equal(a["done_logit"], b["done_logit"])
+    assert (a["x"] + b["pointer"][:, 0] - b["x"]).abs().max() < 0.5
+    assert (a["y"] + b["pointer"][:, 1] - b["y"]).abs().max() < 0.5
+    assert b["pointer"].abs().max() <= 1  # a weighted mean of token centres lies in the image
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(attention_config, mixed_batches, tmp_path):
