@@ -5,8 +5,8 @@ scratch with the same seed, data and budget (the project's own training loop), t
 test images with the full sequential loop (draw marks, predict, add the point, until done).
 
     python bench_learning.py --output_dir runs/bench_learning --steps 300          # a quick look (CPU)
-    python bench_learning.py --output_dir runs/bench_learning --steps 6000 --minutes 20 \\
-        --variants mean,attention                                                  # the 20-minute goal run
+    python bench_learning.py --output_dir runs/bench_learning --steps 9000 --minutes 20 \\
+        --variants mean,attention --near_done_fraction 1.0 --tune_threshold 0.5,0.6,0.7,0.8,0.9   # 20-min run
 
 Variants (--variants, comma-separated):
   mean                 always predict the training split's mean count (rounded for exact accuracy)
@@ -79,7 +79,9 @@ class BenchConfig:
     # counting evaluation
     test_images: int = arg(0, "test images counted at the end (0: the whole test split)")
     max_count: int = arg(20, "counting loop: stop an image after this many points")
-    done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this")
+    done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this (see --tune_threshold)")
+    tune_threshold: str = arg("", "comma-separated done thresholds tried on the val split; the test split is "
+                              "counted at the one with the lowest val MAE (empty: use --done_threshold)")
     num_workers: int = arg(0, "DataLoader workers per training run (0: decode in the training process)")
 
 
@@ -114,11 +116,20 @@ def validate(cfg: BenchConfig) -> list[str]:
         errors.append("--eval_every, --test_images, --warmup_steps and --num_workers must be >= 0")
     if not 0 < cfg.lr < 1:
         errors.append(f"--lr must be in (0, 1), got {cfg.lr}")
+    try:
+        if not all(0 < t < 1 for t in parse_thresholds(cfg.tune_threshold) + [cfg.done_threshold]):
+            errors.append("--done_threshold and --tune_threshold values must be in (0, 1)")
+    except ValueError:
+        errors.append(f"--tune_threshold must be comma-separated numbers, got {cfg.tune_threshold!r}")
     return errors
 
 
 def parse_variants(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def parse_thresholds(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -208,7 +219,14 @@ def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, 
     if not os.path.isdir(checkpoint):
         checkpoint = os.path.join(tcfg.output_dir, "checkpoint-last")
     model, _ = load_checkpoint(checkpoint, device="cpu")
-    records, counting, _, _ = count_dataset(model, test, batch_size=8, done_threshold=cfg.done_threshold,
+    threshold, val_maes = cfg.done_threshold, {}
+    if cfg.tune_threshold:  # calibrated on val, never on test
+        val = FSC147Dataset(data_root, "val")
+        for t in parse_thresholds(cfg.tune_threshold):
+            val_maes[t] = count_dataset(model, val, batch_size=8, done_threshold=t, max_count=cfg.max_count,
+                                        max_images=cfg.test_images, progress=False)[1]["mae"]
+        threshold = min(val_maes, key=val_maes.get)
+    records, counting, _, _ = count_dataset(model, test, batch_size=8, done_threshold=threshold,
                                             max_count=cfg.max_count, max_images=cfg.test_images, progress=True)
     states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), test))
     pred = np.array([r["pred_count"] for r in records])
@@ -216,9 +234,10 @@ def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, 
     return {
         "variant": variant, "status": "ok", "model_type": tcfg.model_type, "target_strategy": tcfg.target_strategy,
         "steps": summary["steps"], "train_minutes": train_s / 60, "checkpoint": checkpoint,
-        "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)), **{k: counting[k] for k in ("mae", "rmse", "nae", "precision",
-                                                                           "recall", "f1", "n_capped", "n_images")},
-        "done_acc": states["val/done_acc"], "xy_abs_err": states["val/xy_abs_err"],
+        "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
+        **{k: counting[k] for k in ("mae", "rmse", "nae", "precision", "recall", "f1", "n_capped", "n_images")},
+        "done_acc": states["val/done_acc"], "xy_abs_err": states["val/xy_abs_err"], "done_threshold": threshold,
+        "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
     }
 
 
@@ -279,7 +298,7 @@ def markdown_table(results: list[dict]) -> str:
     cols = [("variant", "variant", "{}"), ("steps", "steps", "{}"), ("train_minutes", "train min", "{:.1f}"),
             ("exact_acc", "exact acc", "{:.3f}"), ("mae", "MAE", "{:.3f}"), ("rmse", "RMSE", "{:.3f}"),
             ("bias", "mean pred - gt", "{:+.2f}"),
-            ("f1", "loc F1", "{:.3f}"), ("done_acc", "done acc", "{:.3f}"), ("n_capped", "capped", "{}"),
+            ("f1", "loc F1", "{:.3f}"), ("done_acc", "done acc", "{:.3f}"), ("done_threshold", "threshold", "{}"), ("n_capped", "capped", "{}"),
             ("status", "status", "{}")]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in results:

@@ -4,6 +4,7 @@
 #
 #   ./run_sequential_attention.sh                                  # FSC-147 + Qwen2-VL-2B, one GPU
 #   DATA_ROOT=/data/FSC147 LR=1e-4 ./run_sequential_attention.sh --max_steps 2000
+#   NUM_GPUS=4 ./run_sequential_attention.sh                       # accelerate launch, one process per GPU
 #   ./run_sequential_attention.sh --demo                           # tiny CPU demo (what `make demo` runs)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,6 +18,7 @@ EPOCHS=${EPOCHS:-10}
 LR=${LR:-5e-5}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/sequential_$(date +%Y%m%d_%H%M%S)}
 WANDB_PROJECT=${WANDB_PROJECT:-sequential-counting}
+NUM_GPUS=${NUM_GPUS:-1}  # > 1: accelerate launch --multi_gpu (BATCH_SIZE is per GPU)
 
 # Demo: everything is generated locally; about 3 minutes on 2 CPU cores.
 DEMO_DIR=${DEMO_DIR:-demo}
@@ -45,7 +47,12 @@ if [[ "${1:-}" == "--demo" ]]; then
     exit 0
 fi
 
-exec "$PYTHON" train_sequential_attention.py \
+LAUNCH=("$PYTHON")
+if (( NUM_GPUS > 1 )); then
+    LAUNCH=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$NUM_GPUS" --num_machines 1
+            --mixed_precision no --dynamo_backend no)
+fi
+exec "${LAUNCH[@]}" train_sequential_attention.py \
     --data_root "$DATA_ROOT" --model_name_or_path "$MODEL" --model_type "$MODEL_TYPE" \
     --batch_size "$BATCH_SIZE" --epochs "$EPOCHS" --lr "$LR" --load_in_4bit \
     --output_dir "$OUTPUT_DIR" --wandb_project "$WANDB_PROJECT" "$@"
