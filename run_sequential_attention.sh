@@ -32,13 +32,17 @@ demo() {
     if [[ ! -f "$DEMO_DIR/tiny-qwen2vl/config.json" ]]; then
         "$PYTHON" tiny_qwen2vl.py --out "$DEMO_DIR/tiny-qwen2vl" --seed 0
     fi
-    rm -rf runs/demo
+    local out=runs/demo args=("$@") i
+    for ((i = 0; i < ${#args[@]} - 1; i++)); do  # a passed --output_dir replaces runs/demo
+        [[ "${args[i]}" == --output_dir ]] && out=${args[i + 1]}
+    done
+    rm -rf "$out"  # the demo starts fresh, and only its own run folder goes
     "$PYTHON" train_sequential_attention.py \
         --data_root "$DEMO_DIR/data" --model_name_or_path "$DEMO_DIR/tiny-qwen2vl" --model_type "$MODEL_TYPE" \
         --load_in_4bit --batch_size 8 --max_steps "$DEMO_STEPS" --lr "$DEMO_LR" --warmup_steps 30 \
         --min_pixels 3136 --max_pixels 50176 --eval_every 100 --save_every 300 --num_workers 1 \
         --eval_images 16 --max_count 20 \
-        --output_dir runs/demo --wandb_mode offline --wandb_project "$WANDB_PROJECT" "$@"
+        --output_dir "$out" --wandb_mode offline --wandb_project "$WANDB_PROJECT" "$@"
 }
 
 if [[ "${1:-}" == "--demo" ]]; then
