@@ -135,6 +135,11 @@ def parse_thresholds(text: str) -> list[float]:
 # ----------------------------------------------------------------------------- setup
 
 
+def processor_side(cfg: BenchConfig) -> int:
+    """Image side the processor resizes to: --image_size rounded up to Qwen2-VL's 28-pixel merged patches."""
+    return 28 * math.ceil(cfg.image_size / 28)
+
+
 def build_bench_data(cfg: BenchConfig) -> str:
     """Synthetic FSC-147 under OUTPUT_DIR/data (reused when it was written with the same settings)."""
     synth = SynthConfig(out=os.path.join(cfg.output_dir, "data"), num_images=cfg.num_images, seed=cfg.seed,
@@ -148,7 +153,7 @@ def build_bench_model(cfg: BenchConfig) -> str:
     """Tiny random Qwen2-VL under OUTPUT_DIR/model (reused when built with the same settings)."""
     from tiny_qwen2vl import TinyConfig, build_tiny_qwen2vl
 
-    side = 28 * math.ceil(cfg.image_size / 28)
+    side = processor_side(cfg)
     tiny = TinyConfig(out=os.path.join(cfg.output_dir, "model"), seed=cfg.seed, vision_width=cfg.vision_width,
                       vision_depth=cfg.vision_depth, text_width=cfg.text_width, text_layers=cfg.text_layers,
                       min_pixels=side * side, max_pixels=2 * side * side)
@@ -168,7 +173,7 @@ def _reuse_or_build(folder: str, settings: dict, build) -> str:
 
 def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str) -> TrainConfig:
     """The training run of one variant: same data, model, seed and budget as every other variant."""
-    side = 28 * math.ceil(cfg.image_size / 28)
+    side = processor_side(cfg)
     targets = TEXT_LORA + ("," + VISION_LORA if cfg.lora_vision else "")
     return TrainConfig(
         data_root=data_root, model_name_or_path=model_dir, output_dir=os.path.join(cfg.output_dir, variant),

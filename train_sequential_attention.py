@@ -486,12 +486,12 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
         total_loss += float(loss.detach()) / len(micro_batches)
         n_states += len(batch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     if world > 1:
         average_gradients(params)
-        losses = [torch.zeros(1) for _ in range(world)]
-        torch.distributed.all_gather(losses, torch.tensor([total_loss]))
-        total_loss, n_states = float(torch.cat(losses).mean()), n_states * world
+        mean_loss = torch.tensor([total_loss])
+        torch.distributed.all_reduce(mean_loss)
+        total_loss, n_states = float(mean_loss) / world, n_states * world
     norms = grad_norms(model)  # before clipping: what the loss actually sent to each module
     total = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
     finite = math.isfinite(total_loss) and math.isfinite(total)
