@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from count_objects import count_objects
-from dataset_fsc147 import FSC147Dataset, SynthConfig, UsageError, write_synthetic_fsc147
-from train_sequential_attention import TrainConfig, arg, build_model, load_checkpoint, parse_config
+from cli import UsageError, arg, parse_config
+from dataset_fsc147 import FSC147Dataset, SynthConfig, write_synthetic_fsc147
+from model_loading import ModelConfig, build_model, load_checkpoint
 
 
 @dataclass
@@ -59,7 +60,7 @@ def run_bench(cfg: BenchConfig, workdir: str) -> list[dict]:
         from tiny_qwen2vl import TinyConfig, build_tiny_qwen2vl
 
         model_dir = build_tiny_qwen2vl(TinyConfig(out=f"{workdir}/tiny"))
-        model = build_model(TrainConfig(data_root="-", model_name_or_path=model_dir, min_pixels=3136,
+        model = build_model(ModelConfig(model_name_or_path=model_dir, min_pixels=3136,
                                         max_pixels=cfg.max_pixels, device=cfg.device, lora_dropout=0.0))
     data_root = cfg.data_root
     if not data_root:

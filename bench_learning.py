@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dataset_fsc147 import FSC147Dataset, SynthConfig, UsageError, write_synthetic_fsc147
-from train_sequential_attention import TrainConfig, arg, parse_config, write_json_atomic
+from cli import UsageError, arg, parse_config, write_json_atomic
+from dataset_fsc147 import FSC147Dataset, SynthConfig, write_synthetic_fsc147
+from train_sequential_attention import TrainConfig
 
 VARIANT_MODELS = ("simple", "attention")
 TEXT_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -211,7 +212,8 @@ def run_mean_baseline(cfg: BenchConfig, data_root: str, test: FSC147Dataset) -> 
 def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, test: FSC147Dataset) -> dict:
     """Train one variant, then count the test split with its checkpoint-best (lowest val count MAE)."""
     from evaluate_counting import count_dataset
-    from train_sequential_attention import evaluate, fixed_val_batches, load_checkpoint, train
+    from model_loading import load_checkpoint
+    from train_sequential_attention import evaluate, fixed_val_batches, train
 
     tcfg = train_config(cfg, variant, data_root, model_dir)
     start = time.perf_counter()

@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from dataset_fsc147 import FSC147Dataset, SynthConfig, UsageError, prepare_batch, write_synthetic_fsc147
-from train_sequential_attention import (TrainConfig, arg, build_loader, build_model, build_optimizer, device_of,
-                                        model_inputs, parse_config, train_step)
+from cli import UsageError, arg, parse_config
+from dataset_fsc147 import FSC147Dataset, SynthConfig, prepare_batch, write_synthetic_fsc147
+from model_loading import build_model, device_of, model_inputs
+from train_sequential_attention import TrainConfig, build_loader, build_optimizer, train_step
 
 
 @dataclass

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dataset_fsc147 import UsageError, clip_points, denormalize_points, draw_marks, load_rgb, mark_radius
-from train_sequential_attention import arg, device_of, load_checkpoint, parse_config
+from cli import UsageError, arg, parse_config
+from dataset_fsc147 import clip_points, denormalize_points, draw_marks, load_rgb, mark_radius
+from model_loading import device_of, load_checkpoint
 
 
 @dataclass

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from cli import UsageError, parse_config
+
 logger = logging.getLogger(__name__)
 
 IMAGE_DIR = "images_384_VarV2"
@@ -50,10 +52,6 @@ LAYOUT = f"""expected FSC-147 layout:
 TARGET_STRATEGIES = ("reading_order", "nearest")
 MIN_IMAGE_SIDE = 8  # smaller images carry no countable objects
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's processor rejects images more elongated than this
-
-
-class UsageError(Exception):
-    """A user mistake (missing file, bad flag, wrong path): scripts print it without a traceback."""
 
 
 # ----------------------------------------------------------------------------- coordinates
@@ -592,8 +590,6 @@ def show_state(root: str, split: str, index: int, k: int, out: str) -> int:
 
 
 def main(argv=None) -> int:
-    from train_sequential_attention import parse_config  # shared dataclass -> CLI builder
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("synth", help="write a synthetic dataset in the FSC-147 layout", add_help=False)

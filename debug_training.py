@@ -26,11 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dataset_fsc147 import (FSC147Dataset, SynthConfig, UsageError, denormalize_points, normalize_points,
-                            prepare_batch, write_synthetic_fsc147)
+from cli import UsageError, arg, parse_config
+from dataset_fsc147 import (FSC147Dataset, SynthConfig, denormalize_points, normalize_points, prepare_batch,
+                            write_synthetic_fsc147)
+from model_loading import build_model, device_of, model_inputs
 from model_sequential_simple import compute_loss
-from train_sequential_attention import (TrainConfig, arg, build_model, build_optimizer, device_of, grad_norms, grad_verdict,
-                                        model_inputs, parse_config, validate_train_config)
+from run_logging import grad_norms, grad_verdict
+from train_sequential_attention import TrainConfig, build_optimizer, validate_train_config
 
 GRAD_FAIL_BELOW = 1e-4
 

@@ -14,7 +14,6 @@ Metrics (as in the FSC-147 literature; ground truth = number of annotated points
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -25,8 +24,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from count_objects import CountResult, count_objects
-from dataset_fsc147 import FSC147Dataset, UsageError, clip_points, draw_marks, mark_radius
-from train_sequential_attention import arg, load_checkpoint, parse_config, write_json_atomic
+from cli import UsageError, arg, parse_config, write_json_atomic
+from dataset_fsc147 import FSC147Dataset, clip_points, draw_marks, mark_radius
+from model_loading import load_checkpoint
 
 
 @dataclass

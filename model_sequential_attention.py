@@ -18,7 +18,7 @@ Cost per image, with k counted points and N image tokens (D = --attention_dim):
   working memory O(k D^2) sequential over k; sampling features at points O(k N D);
   foveation O(N D); cross-attention O(k D). Memory grows linearly in k and N: 500 points over 512
   image tokens is a (500 x 512) weight matrix per image.
-No I/O here: the backbone is built by `train_sequential_attention.build_model`.
+No I/O here: the backbone is built by `model_loading.build_model`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model_sequential_simple import SimpleSequentialModel
 

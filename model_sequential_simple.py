@@ -4,7 +4,7 @@
         -> Qwen2-VL (4-bit NF4 + LoRA) -> last hidden states at <x>, <y>, <done>
         -> x_head, y_head (no tanh, clamped to [-2, 2], MSE)   done_head (logit, BCE)
 
-The backbone is built elsewhere (`train_sequential_attention.build_model`), so this file does no I/O.
+The backbone is built elsewhere (`model_loading.build_model`), so this file does no I/O.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-from train_sequential_attention import arg, parse_config
+from cli import arg, parse_config
 
 # Words the tiny tokenizer's merges are learned from: the prompt, the chat template and class names.
 _CORPUS = [

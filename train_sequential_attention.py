@@ -23,41 +23,35 @@ and an offline W&B run under OUTPUT_DIR/wandb unless WANDB_API_KEY is set (then 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
 import random
-import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
-from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, UsageError, collate_samples, prepare_batch
-from model_sequential_attention import ATTENTION_MODULES, SequentialAttentionCountingModel
-from model_sequential_simple import SPECIAL_TOKENS, SimpleSequentialModel, compute_loss
+from cli import UsageError, arg, parse_config, write_json_atomic
+from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, collate_samples, prepare_batch
+from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
+                           save_checkpoint, validate_model_config)
+from model_sequential_simple import compute_loss
+from parallel import (any_rank, average_gradients, barrier, init_distributed, mean_over_processes, rank_and_world,
+                      sync_parameters)
+from run_logging import MetricsLogger, grad_norms, loss_trend, peak_memory_mb, print_grad_check
 
 logger = logging.getLogger("train")
 
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-HEADS_FILE = "heads.safetensors"
-STATE_FILE = "training_state.pt"
-MODEL_TYPES = ("simple", "attention")
-
-
-def arg(default, help: str):
-    """A config field with its --help text."""
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelConfig):
+    """The model's fields (ModelConfig: backbone, 4-bit, LoRA, heads, pixels, seed, device) plus these."""
+
     # data
     data_root: str = arg("", "FSC-147 root (images_384_VarV2/, annotation_FSC147_384.json, splits, classes)")
     train_split: str = arg("train", "split to train on")
@@ -67,22 +61,6 @@ class TrainConfig:
                                     "(k = N - 1) instead of uniform k; validation states stay uniform")
     target_strategy: str = arg("reading_order", "which object is 'next': reading_order (single target, "
                                "rows top to bottom, left to right) or nearest (loss to the nearest uncounted object)")
-    # model
-    model_name_or_path: str = arg("Qwen/Qwen2-VL-2B-Instruct", "hub id or local folder of a Qwen2-VL model")
-    model_type: str = arg("simple", "simple (VLM features into the heads) or attention (+ working memory, "
-                          "foveation, cross-attention to counted objects, reasoning)")
-    attention_modules: str = arg("memory,foveation,cross_attention,reasoning",
-                                 "with --model_type attention: comma-separated modules to enable (empty: simple model)")
-    attention_dim: int = arg(256, "with --model_type attention: width of the attention modules")
-    load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation, bf16 compute) + LoRA (QLoRA)")
-    lora_r: int = arg(16, "LoRA rank")
-    lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = arg(0.05, "LoRA dropout")
-    lora_target_modules: str = arg(DEFAULT_LORA_TARGETS, "comma-separated module names that get LoRA")
-    head_hidden: int = arg(256, "hidden width of the x_head, y_head and done_head MLPs")
-    min_pixels: int = arg(64 * 28 * 28, "processor lower bound on image pixels (dynamic resolution)")
-    max_pixels: int = arg(512 * 28 * 28, "processor upper bound on image pixels; FSC-147 images are ~384x576")
-    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save GPU memory")
     # optimisation
     batch_size: int = arg(2, "counting states per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
@@ -95,7 +73,6 @@ class TrainConfig:
     warmup_steps: int = arg(0, "linear warmup steps")
     lr_schedule: str = arg("cosine", "cosine (decay to 10% after warmup) or constant")
     grad_clip: float = arg(1.0, "clip the global grad norm to this (0: no clipping)")
-    seed: int = arg(42, "seed for weights of the heads, data order and counting states")
     # loop
     output_dir: str = arg("runs/sequential", "run folder: config.json, metrics.jsonl, checkpoints, wandb/")
     log_every: int = arg(1, "log training metrics every N optimizer steps")
@@ -111,7 +88,6 @@ class TrainConfig:
     max_bad_steps: int = arg(10, "stop (after saving) after this many consecutive steps with a non-finite loss or gradient")
     grad_check_every: int = arg(50, "print the seed's gradient check every N steps of the first epoch")
     num_workers: int = arg(2, "DataLoader worker processes decoding images")
-    device: str = arg("auto", "auto (cuda if available), cuda or cpu")
     wandb_project: str = arg("sequential-counting", "W&B project")
     wandb_mode: str = arg("", "online, offline or disabled (default: online if WANDB_API_KEY is set, else offline)")
     wandb_run_name: str = arg("", "W&B run name (default: the output folder's name)")
@@ -119,19 +95,12 @@ class TrainConfig:
 
 def validate_train_config(cfg: TrainConfig) -> list[str]:
     """Every problem with the config at once."""
-    errors = []
+    errors = validate_model_config(cfg)
     if not cfg.data_root:
-        errors.append("--data_root is required")
-    if cfg.model_type not in MODEL_TYPES:
-        errors.append(f"--model_type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
+        errors.insert(0, "--data_root is required")
     if cfg.target_strategy not in TARGET_STRATEGIES:
         errors.append(f"--target_strategy must be one of {TARGET_STRATEGIES}, got {cfg.target_strategy!r}")
-    unknown = [m for m in attention_module_list(cfg) if m not in ATTENTION_MODULES]
-    if unknown:
-        errors.append(f"--attention_modules: unknown {unknown}; choose from {', '.join(ATTENTION_MODULES)}")
-    if cfg.attention_dim < 8 or cfg.attention_dim % 4:
-        errors.append(f"--attention_dim must be a multiple of 4 and >= 8, got {cfg.attention_dim}")
-    for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "head_hidden", "log_every", "eval_states"):
+    for name in ("batch_size", "grad_accum", "log_every", "eval_states"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "save_every", "num_workers",
@@ -146,8 +115,6 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append(f"--max_minutes must be >= 0, got {cfg.max_minutes}")
     if not (0 < cfg.lr < 1):
         errors.append(f"--lr must be in (0, 1), got {cfg.lr}")
-    if not 0 <= cfg.lora_dropout < 1:
-        errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.max_bad_steps < 1:
         errors.append(f"--max_bad_steps must be >= 1, got {cfg.max_bad_steps}")
     if cfg.max_count < 1:
@@ -158,244 +125,9 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append("--grad_clip and --weight_decay must be >= 0")
     if cfg.lr_schedule not in ("cosine", "constant"):
         errors.append(f"--lr_schedule must be cosine or constant, got {cfg.lr_schedule!r}")
-    if not 0 < cfg.min_pixels <= cfg.max_pixels:
-        errors.append("--min_pixels must be positive and <= --max_pixels")
     if cfg.wandb_mode not in ("", "online", "offline", "disabled"):
         errors.append(f"--wandb_mode must be online, offline or disabled, got {cfg.wandb_mode!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        errors.append(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
-    if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
-        errors.append("--lora_target_modules must name at least one module")
     return errors
-
-
-def attention_module_list(cfg: TrainConfig) -> list[str]:
-    return [m.strip() for m in cfg.attention_modules.split(",") if m.strip()]
-
-
-# ----------------------------------------------------------------------------- config <-> CLI
-
-
-def build_parser(cls, description: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """argparse parser with one --flag per dataclass field; bools get --flag / --no-flag."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%")
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
-    return parser
-
-
-def parse_config(cls, argv, description: str, validate=None, prog: str | None = None):
-    """Parse argv into a `cls` dataclass; unknown flags and every validation problem are errors."""
-    parser = build_parser(cls, description, prog)
-    cfg = cls(**vars(parser.parse_args(argv)))
-    errors = validate(cfg) if validate else []
-    if errors:
-        parser.error("invalid configuration:\n  " + "\n  ".join(errors))
-    return cfg
-
-
-def config_from_dict(cls, data: dict):
-    """Dataclass from a saved config.json, ignoring keys this version does not know."""
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def write_json_atomic(path: str, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but CUDA is not available")
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
-    torch.cuda.set_device(device)
-    return device
-
-
-def load_processor(path: str, cfg: TrainConfig):
-    """The model's processor with the image pixel bounds of the config and the three new tokens."""
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load a processor from {path!r}: not a local model folder and not "
-                         f"reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not hasattr(processor, "image_processor") or not hasattr(processor.image_processor, "size"):
-        raise UsageError(f"{path}: the processor is not a Qwen2-VL image+text processor")
-    # Dynamic resolution: the processor resizes each image to between min_pixels and max_pixels.
-    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)},
-                                           replace_extra_special_tokens=False)
-    return processor
-
-
-def load_backbone(cfg: TrainConfig, device: torch.device):
-    """Qwen2-VL from the hub or a folder, optionally 4-bit NF4 prepared for k-bit training."""
-    from transformers import BitsAndBytesConfig, Qwen2VLForConditionalGeneration
-
-    kwargs = {}
-    if cfg.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    else:
-        kwargs["dtype"] = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.model_name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load a Qwen2-VL model from {cfg.model_name_or_path!r}: not a local model "
-                         f"folder and not reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if cfg.load_in_4bit:
-        import bitsandbytes as bnb
-        from peft import prepare_model_for_kbit_training
-
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                # bitsandbytes repacks 4-bit weights for CPU inference the first time a layer runs in
-                # eval mode without grad, and that packed form then breaks backward: keep one format.
-                module.support_avx512bf16_for_cpu = False
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    else:
-        model = model.to(device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
-    return model
-
-
-def build_model(cfg: TrainConfig, adapter_path: str | None = None, trainable: bool = True):
-    """Processor + backbone + LoRA (new, or loaded from `adapter_path`) + heads, on the device."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    device = resolve_device(cfg)
-    processor = load_processor(adapter_path or cfg.model_name_or_path, cfg)
-    backbone = load_backbone(cfg, device)
-    if len(processor.tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
-        backbone.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
-    if adapter_path:
-        backbone = PeftModel.from_pretrained(backbone, adapter_path, is_trainable=trainable)
-    else:
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=[m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()],
-                          bias="none")
-        try:
-            backbone = get_peft_model(backbone, lora)
-        except ValueError as e:
-            raise UsageError(f"--lora_target_modules {cfg.lora_target_modules!r}: {e}") from None
-    torch.manual_seed(cfg.seed)  # heads start the same for the same seed
-    if cfg.model_type == "attention":
-        model = SequentialAttentionCountingModel(backbone, processor, head_hidden=cfg.head_hidden,
-                                                 modules=tuple(attention_module_list(cfg)),
-                                                 attention_dim=cfg.attention_dim)
-    else:
-        model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden)
-    for name, module in model.named_children():
-        if name != "backbone":  # the backbone is already placed (4-bit needs device_map)
-            module.to(device)
-    return model
-
-
-def model_inputs(model, batch, device) -> dict[str, torch.Tensor]:
-    """Processor inputs for a CountingBatch, on the device."""
-    inputs = model.build_inputs(batch.images, batch.class_names)
-    return {k: v.to(device) for k, v in inputs.items()}
-
-
-def device_of(model) -> torch.device:
-    return model.x_head.fc1.weight.device
-
-
-# ----------------------------------------------------------------------------- several processes
-
-
-def init_distributed(cfg: TrainConfig) -> tuple[int, int]:
-    """Join the process group that `accelerate launch` (or torchrun) describes in the environment.
-
-    Returns (rank, world size); (0, 1) when started as a single process.
-    """
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        gpu = cfg.device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if gpu else "gloo")
-    return rank_and_world()
-
-
-def rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def any_rank(*flags: bool) -> list[bool]:
-    """Each flag, true when it is true on any process (so every process takes the same branch)."""
-    if rank_and_world()[1] == 1:
-        return [bool(f) for f in flags]
-    import torch.distributed as dist
-
-    t = torch.tensor([float(bool(f)) for f in flags])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-def barrier() -> None:
-    if rank_and_world()[1] > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def sync_parameters(model) -> None:
-    """Every process starts from rank 0's trainable weights (they are seeded alike; this makes it certain)."""
-    if rank_and_world()[1] == 1:
-        return
-    import torch.distributed as dist
-
-    for p in model.parameters():
-        if p.requires_grad:
-            dist.broadcast(p.data, src=0)
-
-
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """The mean gradient over processes, in one all_reduce (what DDP does).
-
-    Not DistributedDataParallel's wrapper: a cls step leaves the x/y heads without gradient and a reg
-    step the done_head (DDP would need find_unused_parameters), and the wrapper hides the model's own
-    methods. The processes run the same step mode, so the same parameters have gradients everywhere.
-    """
-    _, world = rank_and_world()
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
-        return
-    import torch.distributed as dist
-
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 # ----------------------------------------------------------------------------- data
@@ -458,15 +190,6 @@ def build_optimizer(cfg: TrainConfig, model, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def grad_norms(model) -> dict[str, float]:
-    """L2 norm of the gradient of each module group (0.0 when it got none)."""
-    norms = {}
-    for name, params in model.module_groups().items():
-        sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in params if p.grad is not None)
-        norms[name] = math.sqrt(sq)
-    return norms
-
-
 def step_mode(step: int) -> str:
     """Optimizer steps alternate: even steps classify done / not done, odd steps regress x, y."""
     return "cls" if step % 2 == 0 else "reg"
@@ -489,9 +212,7 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
     world = rank_and_world()[1]
     if world > 1:
         average_gradients(params)
-        mean_loss = torch.tensor([total_loss])
-        torch.distributed.all_reduce(mean_loss)
-        total_loss, n_states = float(mean_loss) / world, n_states * world
+        total_loss, n_states = mean_over_processes(total_loss), n_states * world
     norms = grad_norms(model)  # before clipping: what the loss actually sent to each module
     total = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
     finite = math.isfinite(total_loss) and math.isfinite(total)
@@ -565,39 +286,24 @@ class TrainState:
     wandb_run_id: str = ""
 
 
-def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, name: str) -> str:
-    """Write OUTPUT_DIR/<name>/ atomically: adapter, heads + token rows, processor, config, training state."""
-    from safetensors.torch import save_file
 
-    final = os.path.join(cfg.output_dir, name)
-    tmp = os.path.join(cfg.output_dir, f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.backbone.save_pretrained(tmp)
-    save_file(model.head_state_dict(), os.path.join(tmp, HEADS_FILE))
-    model.processor.save_pretrained(tmp)
-    write_json_atomic(os.path.join(tmp, "config.json"), asdict(cfg))
+def save_training_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, name: str) -> str:
+    """OUTPUT_DIR/<name>/: the model's checkpoint plus the training state a resumed run needs."""
     rng = {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()),
            "python": json.dumps(random.getstate()[1])}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({**asdict(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng}, os.path.join(tmp, STATE_FILE))
-    old = os.path.join(cfg.output_dir, f".old-{name}")
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)  # the previous checkpoint survives until the new one is in place
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    training_state = {**asdict(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "rng": rng}
+    return save_checkpoint(model, cfg, os.path.join(cfg.output_dir, name), training_state)
 
 
 def save_step_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> str:
     """checkpoint-<step> and checkpoint-last (rank 0 writes, the others wait); prune to --save_total_limit."""
     path = os.path.join(cfg.output_dir, f"checkpoint-{state.step}")
     if rank_and_world()[0] == 0:
-        save_checkpoint(cfg, model, optimizer, scheduler, state, f"checkpoint-{state.step}")
-        save_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-last")
+        save_training_checkpoint(cfg, model, optimizer, scheduler, state, f"checkpoint-{state.step}")
+        save_training_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-last")
         if cfg.save_total_limit:
             steps = sorted(int(d.split("-", 1)[1]) for d in os.listdir(cfg.output_dir)
                            if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit())
@@ -616,11 +322,7 @@ def resume_path(cfg: TrainConfig) -> str:
 
 def restore_training(cfg: TrainConfig, path: str, model, optimizer, scheduler) -> TrainState:
     """Load adapter, heads, optimizer, scheduler, RNG states and the step counters from a checkpoint."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model.backbone, load_file(os.path.join(path, "adapter_model.safetensors")))
-    model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
+    load_weights(model, path)
     saved = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -635,117 +337,7 @@ def restore_training(cfg: TrainConfig, path: str, model, optimizer, scheduler) -
     return TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
 
 
-def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, **overrides):
-    """Rebuild a model from a checkpoint folder; returns (model, config)."""
-    from safetensors.torch import load_file
-
-    required = ("config.json", HEADS_FILE, "adapter_config.json")
-    if not os.path.isdir(path):
-        raise UsageError(f"checkpoint {path!r} is not a folder")
-    missing = [f for f in required if not os.path.exists(os.path.join(path, f))]
-    if missing:
-        raise UsageError(f"{path} is not a checkpoint of this project: missing {', '.join(missing)}")
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        cfg = config_from_dict(TrainConfig, json.load(f))
-    cfg = dataclasses.replace(cfg, device=device, **overrides)
-    model = build_model(cfg, adapter_path=path, trainable=trainable)
-    try:
-        model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
-    except ValueError as e:
-        raise UsageError(f"{path}: heads.safetensors does not fit --model_type {cfg.model_type} "
-                         f"(modules {cfg.attention_modules!r}): {e}") from None
-    model.eval()
-    return model, cfg
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-class MetricsLogger:
-    """metrics.jsonl (one JSON object per event, each with `step`) + W&B."""
-
-    def __init__(self, cfg: TrainConfig, resume_step: int | None = None, run_id: str = "", enabled: bool = True):
-        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        self.enabled = enabled  # False on every process but rank 0: one metrics file, one W&B run
-        self.run = None
-        if not enabled:
-            return
-        if resume_step is not None and os.path.exists(self.path):
-            # Events logged after the checkpoint we resume from will be logged again: drop them.
-            with open(self.path, encoding="utf-8") as f:
-                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-        self.run = init_wandb(cfg, run_id)
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **metrics}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-
-
-def init_wandb(cfg: TrainConfig, run_id: str = ""):
-    """W&B run in the run folder; offline unless WANDB_API_KEY is set or --wandb_mode says otherwise."""
-    mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    if mode == "disabled":
-        return None
-    import wandb
-
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
-                      dir=cfg.output_dir, mode=mode, config=asdict(cfg), id=run_id or None,
-                      resume="allow" if run_id else None)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def print_grad_check(mode: str, norms: dict[str, float]) -> None:
-    """The seed's first-epoch check: > 0.1 good, < 1e-3 vanishing, 0 disconnected."""
-    from tqdm.auto import tqdm
-
-    other_heads = {"x_head", "y_head"} if mode == "cls" else {"done_head"}  # get no gradient this step
-    lines = [f"[Gradient Check - {'Classification' if mode == 'cls' else 'Regression'}]"]
-    lines += [f"  {name}: {norm:.4f}  ({grad_verdict(norm)})" for name, norm in norms.items() if name not in other_heads]
-    tqdm.write("\n".join(lines))
-
-
-def grad_verdict(norm: float) -> str:
-    if norm == 0.0:
-        return "DISCONNECTED"
-    if norm < 1e-3:
-        return "vanishing"
-    return "good" if norm > 0.1 else "ok"
-
-
-def loss_trend(metrics_path: str) -> dict[str, tuple[float, float]]:
-    """Mean training loss over the first and the last fifth of logged steps, per mode."""
-    losses = {"cls": [], "reg": []}
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            for mode in losses:
-                if f"loss_{mode}" in record and record.get("event") is None:
-                    losses[mode].append(record[f"loss_{mode}"])
-    trend = {}
-    for mode, values in losses.items():
-        if len(values) >= 5:
-            fifth = len(values) // 5
-            trend[mode] = (float(np.mean(values[:fifth])), float(np.mean(values[-fifth:])))
-    return trend
-
-
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the loop
 
 
 class TrainingStopped(Exception):
@@ -776,7 +368,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from tqdm.auto import tqdm
 
-    rank, world = init_distributed(cfg)
+    rank, world = init_distributed(cfg.device)
     main_process = rank == 0  # the one that prints, evaluates and writes
     say = print if main_process else (lambda *a, **k: None)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
@@ -919,7 +511,7 @@ def run_evaluation(cfg, model, optimizer, scheduler, state: TrainState, val_batc
         result.update(evaluate_counting_subset(cfg, model, val_ds, metrics.run))
         if result["val/count_mae"] < state.best_mae:
             state.best_mae = result["val/count_mae"]
-            save_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-best")
+            save_training_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-best")
             tqdm.write(f"new best val count MAE {state.best_mae:.3f}: saved checkpoint-best")
     metrics.log(state.step, {"event": "eval", **result})
     tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))

@@ -47,7 +47,7 @@ def train_config(tiny_model_dir, synth_root):
 @pytest.fixture(scope="session")
 def tiny_model(train_config):
     """A freshly built model (heads + LoRA) through the 4-bit path. Tests must not train it."""
-    from train_sequential_attention import build_model
+    from model_loading import build_model
 
     return build_model(train_config)
 

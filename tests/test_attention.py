@@ -12,8 +12,9 @@ import debug_training
 from dataset_fsc147 import FSC147Dataset, prepare_batch
 from model_sequential_attention import ATTENTION_MODULES, SequentialAttentionCountingModel
 from model_sequential_simple import compute_loss
-from train_sequential_attention import (TrainState, build_model, build_optimizer, grad_norms, load_checkpoint, main,
-                                        model_inputs, save_checkpoint)
+from model_loading import build_model, load_checkpoint, model_inputs, save_checkpoint
+from run_logging import grad_norms
+from train_sequential_attention import build_optimizer, main
 
 CPU = torch.device("cpu")
 
@@ -139,8 +140,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(attention_config, mix
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
-    optimizer, scheduler = build_optimizer(cfg, model, 10)
-    path = save_checkpoint(cfg, model, optimizer, scheduler, TrainState(), "checkpoint-0")
+    path = save_checkpoint(model, cfg, str(tmp_path / "checkpoint-0"))
     loaded, loaded_cfg = load_checkpoint(path, device="cpu")
     assert isinstance(loaded, SequentialAttentionCountingModel) and loaded_cfg.model_type == "attention"
     model.eval()

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_fsc147 import (ANNOTATION_FILE, CLASS_FILE, IMAGE_DIR, SPLIT_FILE, FSC147Dataset, UsageError,
-                            collate_samples, read_class_file)
+from cli import UsageError
+from dataset_fsc147 import (ANNOTATION_FILE, CLASS_FILE, IMAGE_DIR, SPLIT_FILE, FSC147Dataset, collate_samples,
+                            read_class_file)
 
 
 def jpeg_bytes(size=(64, 48), mode="RGB"):

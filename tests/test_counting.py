@@ -16,7 +16,7 @@ import evaluate_counting as eval_mod
 from count_objects import count_objects
 from dataset_fsc147 import IMAGE_DIR, SPLIT_FILE, FSC147Dataset
 from evaluate_counting import match_points, summarize
-from train_sequential_attention import load_checkpoint
+from model_loading import load_checkpoint
 
 
 class ScriptedModel(nn.Module):

@@ -1,5 +1,6 @@
 """Several processes: `accelerate launch` with 2 CPU processes (gloo) on the tiny model."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -14,12 +15,13 @@ from conftest import ROOT, TINY_PIXELS
 
 import train_sequential_attention as train_mod
 from dataset_fsc147 import FSC147Dataset, prepare_batch
+from model_loading import HEADS_FILE
 
 
 def test_ranks_load_disjoint_slices_of_each_global_batch(train_config):
     ds = FSC147Dataset(train_config.data_root, "train")
-    cfg2 = train_mod.dataclasses.replace(train_config, batch_size=2)
-    cfg4 = train_mod.dataclasses.replace(train_config, batch_size=4)
+    cfg2 = dataclasses.replace(train_config, batch_size=2)
+    cfg4 = dataclasses.replace(train_config, batch_size=4)
     ids = lambda cfg, rank, world, start=0: [[s.id for s in b] for b in train_mod.build_loader(cfg, ds, 1, start, rank, world)]
     rank0, rank1, single = ids(cfg2, 0, 2), ids(cfg2, 1, 2), ids(cfg4, 0, 1)
     assert len(rank0) == len(rank1) == len(single) == len(ds) // 4
@@ -66,7 +68,7 @@ def weights(checkpoint):
     from safetensors.torch import load_file
 
     return {**load_file(os.path.join(checkpoint, "adapter_model.safetensors")),
-            **load_file(os.path.join(checkpoint, train_mod.HEADS_FILE))}
+            **load_file(os.path.join(checkpoint, HEADS_FILE))}
 
 
 def distance(a, b) -> float:

@@ -8,7 +8,9 @@ import torch
 
 from dataset_fsc147 import FSC147Dataset, prepare_batch
 from model_sequential_simple import SPECIAL_TOKENS, compute_loss
-from train_sequential_attention import build_model, build_optimizer, grad_norms, model_inputs
+from model_loading import build_model, model_inputs
+from run_logging import grad_norms
+from train_sequential_attention import build_optimizer
 
 
 @pytest.fixture(scope="module")

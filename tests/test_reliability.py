@@ -9,6 +9,8 @@ import torch
 from conftest import TINY_PIXELS
 
 import train_sequential_attention as train_mod
+from cli import config_from_dict
+from model_loading import build_model
 
 
 def run_args(synth_root, tiny_model_dir, out, *extra):
@@ -78,8 +80,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_p
     from safetensors.torch import load_file
 
     saved = load_file(out / "checkpoint-3" / "heads.safetensors")
-    cfg = train_mod.config_from_dict(train_mod.TrainConfig, json.load(open(out / "config.json")))
-    fresh = train_mod.build_model(cfg).head_state_dict()
+    cfg = config_from_dict(train_mod.TrainConfig, json.load(open(out / "config.json")))
+    fresh = build_model(cfg).head_state_dict()
     assert all(torch.equal(saved[k], fresh[k]) for k in fresh)
 
 

@@ -1,0 +1,251 @@
+"""Build the counting model from its config, and save / load checkpoints of it.
+
+`ModelConfig` holds the fields that decide the model (backbone, 4-bit, LoRA, heads, attention
+modules, processor pixels); the training config extends it. `build_model` loads the processor and the
+Qwen2-VL backbone (hub id or local folder, optionally 4-bit NF4), wraps it in LoRA and adds the heads;
+`save_checkpoint` / `load_checkpoint` write and rebuild it. Training state (optimizer, scheduler,
+counters) is passed in by the caller, never imported from the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cli import UsageError, arg, config_from_dict, write_json_atomic
+from model_sequential_attention import ATTENTION_MODULES, SequentialAttentionCountingModel
+from model_sequential_simple import SPECIAL_TOKENS, SimpleSequentialModel
+
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+HEADS_FILE = "heads.safetensors"
+STATE_FILE = "training_state.pt"
+MODEL_TYPES = ("simple", "attention")
+
+
+@dataclass
+class ModelConfig:
+    """What `build_model` and `load_checkpoint` read."""
+
+    model_name_or_path: str = arg("Qwen/Qwen2-VL-2B-Instruct", "hub id or local folder of a Qwen2-VL model")
+    model_type: str = arg("simple", "simple (VLM features into the heads) or attention (+ working memory, "
+                          "foveation, cross-attention to counted objects, reasoning)")
+    attention_modules: str = arg("memory,foveation,cross_attention,reasoning",
+                                 "with --model_type attention: comma-separated modules to enable (empty: simple model)")
+    attention_dim: int = arg(256, "with --model_type attention: width of the attention modules")
+    load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation, bf16 compute) + LoRA (QLoRA)")
+    lora_r: int = arg(16, "LoRA rank")
+    lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = arg(0.05, "LoRA dropout")
+    lora_target_modules: str = arg(DEFAULT_LORA_TARGETS, "comma-separated module names that get LoRA")
+    head_hidden: int = arg(256, "hidden width of the x_head, y_head and done_head MLPs")
+    min_pixels: int = arg(64 * 28 * 28, "processor lower bound on image pixels (dynamic resolution)")
+    max_pixels: int = arg(512 * 28 * 28, "processor upper bound on image pixels; FSC-147 images are ~384x576")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save GPU memory")
+    seed: int = arg(42, "seed for weights of the heads, data order and counting states")
+    device: str = arg("auto", "auto (cuda if available), cuda or cpu")
+
+
+def validate_model_config(cfg: ModelConfig) -> list[str]:
+    """Every problem with the model fields at once."""
+    errors = []
+    if cfg.model_type not in MODEL_TYPES:
+        errors.append(f"--model_type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
+    unknown = [m for m in attention_module_list(cfg) if m not in ATTENTION_MODULES]
+    if unknown:
+        errors.append(f"--attention_modules: unknown {unknown}; choose from {', '.join(ATTENTION_MODULES)}")
+    if cfg.attention_dim < 8 or cfg.attention_dim % 4:
+        errors.append(f"--attention_dim must be a multiple of 4 and >= 8, got {cfg.attention_dim}")
+    for name in ("lora_r", "lora_alpha", "head_hidden"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.lora_dropout < 1:
+        errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0 < cfg.min_pixels <= cfg.max_pixels:
+        errors.append("--min_pixels must be positive and <= --max_pixels")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        errors.append(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
+        errors.append("--lora_target_modules must name at least one module")
+    return errors
+
+
+def attention_module_list(cfg: ModelConfig) -> list[str]:
+    return [m.strip() for m in cfg.attention_modules.split(",") if m.strip()]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    torch.cuda.set_device(device)
+    return device
+
+
+def load_processor(path: str, cfg: ModelConfig):
+    """The model's processor with the image pixel bounds of the config and the three new tokens."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load a processor from {path!r}: not a local model folder and not "
+                         f"reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor.image_processor, "size"):
+        raise UsageError(f"{path}: the processor is not a Qwen2-VL image+text processor")
+    # Dynamic resolution: the processor resizes each image to between min_pixels and max_pixels.
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)},
+                                           replace_extra_special_tokens=False)
+    return processor
+
+
+def load_backbone(cfg: ModelConfig, device: torch.device):
+    """Qwen2-VL from the hub or a folder, optionally 4-bit NF4 prepared for k-bit training."""
+    from transformers import BitsAndBytesConfig, Qwen2VLForConditionalGeneration
+
+    kwargs = {}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    else:
+        kwargs["dtype"] = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.model_name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load a Qwen2-VL model from {cfg.model_name_or_path!r}: not a local model "
+                         f"folder and not reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if cfg.load_in_4bit:
+        import bitsandbytes as bnb
+        from peft import prepare_model_for_kbit_training
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                # bitsandbytes repacks 4-bit weights for CPU inference the first time a layer runs in
+                # eval mode without grad, and that packed form then breaks backward: keep one format.
+                module.support_avx512bf16_for_cpu = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        model = model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+    return model
+
+
+def build_model(cfg: ModelConfig, adapter_path: str | None = None, trainable: bool = True):
+    """Processor + backbone + LoRA (new, or loaded from `adapter_path`) + heads, on the device."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    device = resolve_device(cfg)
+    processor = load_processor(adapter_path or cfg.model_name_or_path, cfg)
+    backbone = load_backbone(cfg, device)
+    if len(processor.tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
+        backbone.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    if adapter_path:
+        backbone = PeftModel.from_pretrained(backbone, adapter_path, is_trainable=trainable)
+    else:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=[m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()],
+                          bias="none")
+        try:
+            backbone = get_peft_model(backbone, lora)
+        except ValueError as e:
+            raise UsageError(f"--lora_target_modules {cfg.lora_target_modules!r}: {e}") from None
+    torch.manual_seed(cfg.seed)  # heads start the same for the same seed
+    if cfg.model_type == "attention":
+        model = SequentialAttentionCountingModel(backbone, processor, head_hidden=cfg.head_hidden,
+                                                 modules=tuple(attention_module_list(cfg)),
+                                                 attention_dim=cfg.attention_dim)
+    else:
+        model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden)
+    for name, module in model.named_children():
+        if name != "backbone":  # the backbone is already placed (4-bit needs device_map)
+            module.to(device)
+    return model
+
+
+def model_inputs(model, batch, device) -> dict[str, torch.Tensor]:
+    """Processor inputs for a CountingBatch, on the device."""
+    inputs = model.build_inputs(batch.images, batch.class_names)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def device_of(model) -> torch.device:
+    return model.x_head.fc1.weight.device
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(model, cfg, folder: str, training_state: dict | None = None) -> str:
+    """Write `folder` atomically: adapter, heads + token rows, processor, config.json (all of `cfg`), and
+    `training_state.pt` when the caller passes one (optimizer, scheduler, counters, RNG states).
+
+    Written to a temporary sibling folder and renamed into place; the previous checkpoint of that name
+    survives until the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    parent, name = os.path.split(os.path.abspath(folder))
+    tmp = os.path.join(parent, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.backbone.save_pretrained(tmp)
+    save_file(model.head_state_dict(), os.path.join(tmp, HEADS_FILE))
+    model.processor.save_pretrained(tmp)
+    write_json_atomic(os.path.join(tmp, "config.json"), asdict(cfg))
+    if training_state is not None:
+        torch.save(training_state, os.path.join(tmp, STATE_FILE))
+    old = os.path.join(parent, f".old-{name}")
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_weights(model, path: str) -> None:
+    """Load a checkpoint's adapter and heads into a model built with the same config (for resuming)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model.backbone, load_file(os.path.join(path, "adapter_model.safetensors")))
+    model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
+
+
+def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, config_cls=ModelConfig, **overrides):
+    """Rebuild a model from a checkpoint folder; returns (model, config as `config_cls`)."""
+    from safetensors.torch import load_file
+
+    required = ("config.json", HEADS_FILE, "adapter_config.json")
+    if not os.path.isdir(path):
+        raise UsageError(f"checkpoint {path!r} is not a folder")
+    missing = [f for f in required if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise UsageError(f"{path} is not a checkpoint of this project: missing {', '.join(missing)}")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = config_from_dict(config_cls, json.load(f))
+    cfg = dataclasses.replace(cfg, device=device, **overrides)
+    model = build_model(cfg, adapter_path=path, trainable=trainable)
+    try:
+        model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
+    except ValueError as e:
+        raise UsageError(f"{path}: heads.safetensors does not fit --model_type {cfg.model_type} "
+                         f"(modules {cfg.attention_modules!r}): {e}") from None
+    model.eval()
+    return model, cfg

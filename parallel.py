@@ -1,0 +1,93 @@
+"""Several processes (`accelerate launch` / torchrun): joining the group and the few collectives training needs.
+
+Every function is a no-op (or the identity) in a single process, so the training loop calls them
+unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group that `accelerate launch` (or torchrun) describes in the environment.
+
+    `device` is the config's --device. Returns (rank, world size); (0, 1) when started as a single process.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        gpu = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if gpu else "gloo")
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag, true when it is true on any process (so every process takes the same branch)."""
+    if rank_and_world()[1] == 1:
+        return [bool(f) for f in flags]
+    import torch.distributed as dist
+
+    t = torch.tensor([float(bool(f)) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sync_parameters(model) -> None:
+    """Every process starts from rank 0's trainable weights (they are seeded alike; this makes it certain)."""
+    if rank_and_world()[1] == 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.requires_grad:
+            dist.broadcast(p.data, src=0)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """The mean gradient over processes, in one all_reduce (what DDP does).
+
+    Not DistributedDataParallel's wrapper: a cls step leaves the x/y heads without gradient and a reg
+    step the done_head (DDP would need find_unused_parameters), and the wrapper hides the model's own
+    methods. The processes run the same step mode, so the same parameters have gradients everywhere.
+    """
+    _, world = rank_and_world()
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    import torch.distributed as dist
+
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def mean_over_processes(value: float) -> float:
+    """The mean of a number over processes (the loss each process computed on its slice)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return value
+    t = torch.tensor([value])
+    torch.distributed.all_reduce(t)
+    return float(t) / world

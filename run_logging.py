@@ -1,0 +1,106 @@
+"""What a run reports: metrics.jsonl + W&B, gradient norms and the seed's gradient check, loss trends."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per event, each with `step`) + W&B."""
+
+    def __init__(self, cfg, resume_step: int | None = None, run_id: str = "", enabled: bool = True):
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.enabled = enabled  # False on every process but rank 0: one metrics file, one W&B run
+        self.run = None
+        if not enabled:
+            return
+        if resume_step is not None and os.path.exists(self.path):
+            # Events logged after the checkpoint we resume from will be logged again: drop them.
+            with open(self.path, encoding="utf-8") as f:
+                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        self.run = init_wandb(cfg, run_id)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def init_wandb(cfg, run_id: str = ""):
+    """W&B run in the run folder; offline unless WANDB_API_KEY is set or --wandb_mode says otherwise."""
+    mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
+                      dir=cfg.output_dir, mode=mode, config=asdict(cfg), id=run_id or None,
+                      resume="allow" if run_id else None)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def grad_norms(model) -> dict[str, float]:
+    """L2 norm of the gradient of each module group (0.0 when it got none)."""
+    norms = {}
+    for name, params in model.module_groups().items():
+        sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in params if p.grad is not None)
+        norms[name] = math.sqrt(sq)
+    return norms
+
+
+def grad_verdict(norm: float) -> str:
+    """The seed's thresholds: > 0.1 good, < 1e-3 vanishing, 0 disconnected."""
+    if norm == 0.0:
+        return "DISCONNECTED"
+    if norm < 1e-3:
+        return "vanishing"
+    return "good" if norm > 0.1 else "ok"
+
+
+def print_grad_check(mode: str, norms: dict[str, float]) -> None:
+    """The seed's first-epoch check, one line per module that this step's loss reaches."""
+    from tqdm.auto import tqdm
+
+    other_heads = {"x_head", "y_head"} if mode == "cls" else {"done_head"}  # get no gradient this step
+    lines = [f"[Gradient Check - {'Classification' if mode == 'cls' else 'Regression'}]"]
+    lines += [f"  {name}: {norm:.4f}  ({grad_verdict(norm)})" for name, norm in norms.items() if name not in other_heads]
+    tqdm.write("\n".join(lines))
+
+
+def loss_trend(metrics_path: str) -> dict[str, tuple[float, float]]:
+    """Mean training loss over the first and the last fifth of logged steps, per mode."""
+    losses = {"cls": [], "reg": []}
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            for mode in losses:
+                if f"loss_{mode}" in record and record.get("event") is None:
+                    losses[mode].append(record[f"loss_{mode}"])
+    trend = {}
+    for mode, values in losses.items():
+        if len(values) >= 5:
+            fifth = len(values) // 5
+            trend[mode] = (float(np.mean(values[:fifth])), float(np.mean(values[-fifth:])))
+    return trend
