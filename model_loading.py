@@ -37,7 +37,7 @@ class ModelConfig:
     attention_modules: str = arg("memory,foveation,cross_attention,reasoning",
                                  "with --model_type attention: comma-separated modules to enable (empty: simple model)")
     attention_dim: int = arg(256, "with --model_type attention: width of the attention modules")
-    load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation, bf16 compute) + LoRA (QLoRA)")
+    load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation; bf16 compute on GPU, fp32 on CPU) + LoRA (QLoRA)")
     lora_r: int = arg(16, "LoRA rank")
     lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = arg(0.05, "LoRA dropout")
@@ -115,9 +115,10 @@ def load_backbone(cfg: ModelConfig, device: torch.device):
 
     kwargs = {}
     if cfg.load_in_4bit:
+        # bf16 matmuls on a CPU without AVX-512 BF16 are emulated: fp32 compute ran the tiny model 4x faster.
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     else:
         kwargs["dtype"] = torch.bfloat16 if device.type == "cuda" else torch.float32
