@@ -67,7 +67,7 @@ def run_bench(cfg: BenchConfig, workdir: str) -> list[dict]:
         data_root = f"{workdir}/data"
         write_synthetic_fsc147(SynthConfig(out=data_root, num_images=max(5, cfg.num_images * 5), seed=0))
     ds = FSC147Dataset(data_root, cfg.split)
-    samples = [s for s in (ds[i] for i in range(min(len(ds), cfg.num_images))) if s is not None]
+    samples = [s for s in (ds[i] for i in ds.subset_indices(cfg.num_images)) if s is not None]
     images, names = [s.image for s in samples], [s.class_name for s in samples]
     count_objects(model, images[:2], names[:2], batch_size=2, done_threshold=1.0, max_count=2)  # warm-up
     rows = []

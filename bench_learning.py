@@ -8,15 +8,18 @@ test images with the full sequential loop (draw marks, predict, add the point, u
     python bench_learning.py --output_dir runs/bench_learning --steps 9000 --minutes 20 \\
         --variants mean,attention --near_done_fraction 1.0 --tune_threshold 0.5,0.6,0.7,0.8,0.9   # 20-min run
 
-Variants (--variants, comma-separated):
+Variants (--variants, comma-separated): a model type with optional suffixes, or the mean baseline:
   mean                 always predict the training split's mean count (rounded for exact accuracy)
-  simple, attention    model type; reading_order targets (one right next object)
-  simple-nearest, attention-nearest
-                       the same with the nearest-uncounted target strategy (min-over-targets loss)
+  simple, attention    model type, regression pointing (x_head/y_head regress x, y), reading_order targets
+  ...-token            token pointing: choose the image token holding the next object (cross-entropy),
+                       sub-token offset, dense "unmarked object here" map, done sees that evidence
+  ...-nearest          nearest-uncounted targets (any uncounted object is right) instead of reading order
+  e.g. simple, simple-token, attention, attention-token, attention-token-nearest
 
 The backbone is trained as --finetune says: lora4bit (4-bit NF4 + LoRA, the real recipe; by default
-LoRA also reaches the random vision encoder, which has nothing pretrained to keep) or lora (the same
-LoRA on a full-precision backbone).
+LoRA also reaches the random vision encoder, which has nothing pretrained to keep), lora (the same
+LoRA on a full-precision backbone) or full (every backbone weight trains: a random backbone has nothing
+pretrained for LoRA to protect).
 
 Writes OUTPUT_DIR/results.json, results.md (table) and learning.png (training losses and val count MAE
 per variant), plus data/, model/ and one training run folder per variant.
@@ -39,6 +42,7 @@ from dataset_fsc147 import FSC147Dataset, SynthConfig, write_synthetic_fsc147
 from train_sequential_attention import TrainConfig
 
 VARIANT_MODELS = ("simple", "attention")
+VARIANT_SUFFIXES = ("token", "nearest")
 TEXT_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 VISION_LORA = "qkv,proj,fc1,fc2"  # Qwen2-VL vision blocks (attention qkv/proj, MLP fc1/fc2)
 
@@ -47,7 +51,8 @@ VISION_LORA = "qkv,proj,fc1,fc2"  # Qwen2-VL vision blocks (attention qkv/proj, 
 class BenchConfig:
     output_dir: str = arg("runs/bench_learning", "folder for data/, model/, one run per variant and the results")
     variants: str = arg("mean,simple,attention,attention-nearest",
-                        "comma-separated variants: mean, simple, attention, simple-nearest, attention-nearest")
+                        "comma-separated variants: mean, or simple/attention with optional -token and -nearest "
+                        "suffixes (e.g. attention-token)")
     steps: int = arg(1000, "optimizer steps per trained variant (the lr schedule spans them)")
     minutes: float = arg(0.0, "also stop each variant after this many minutes of training (0: no limit)")
     seed: int = arg(0, "seed for data, tiny-model weights, heads and training order")
@@ -57,6 +62,9 @@ class BenchConfig:
     max_objects: int = arg(10, "most objects per image")
     image_size: int = arg(112, "synthetic image height; widths are drawn in [size, 1.25 * size]")
     num_classes: int = arg(6, "object classes (shape + colour)")
+    background: str = arg("textured", "textured (gradient, noise, stripes or speckle) or plain (one colour) backgrounds")
+    fresh_images: bool = arg(False, "train on freshly generated images (same generator; never the same image twice) "
+                             "instead of the fixed training split")
     shared_classes: bool = arg(True, "test images show classes seen in training, in unseen layouts "
                                "(--no-shared_classes: disjoint classes per split, as FSC-147)")
     # tiny model
@@ -65,7 +73,8 @@ class BenchConfig:
     text_width: int = arg(128, "tiny language model width (multiple of 64)")
     text_layers: int = arg(2, "tiny language model layers")
     # training (passed to train_sequential_attention.py)
-    finetune: str = arg("lora4bit", "lora4bit (4-bit NF4 backbone + LoRA) or lora (full-precision backbone + LoRA)")
+    finetune: str = arg("lora4bit", "lora4bit (4-bit NF4 backbone + LoRA), lora (full-precision backbone + LoRA) "
+                        "or full (every backbone weight trains)")
     lora_vision: bool = arg(True, "LoRA also on the vision encoder (qkv, proj, fc1, fc2), not only the language model")
     lora_r: int = arg(32, "LoRA rank")
     batch_size: int = arg(8, "counting states per optimizer step")
@@ -73,6 +82,7 @@ class BenchConfig:
     warmup_steps: int = arg(100, "linear warmup steps")
     lr_schedule: str = arg("cosine", "cosine or constant")
     near_done_fraction: float = arg(0.0, "fraction of not-done cls states with one object left (k = N - 1)")
+    mark_jitter: float = arg(0.0, "training marks land up to this fraction of the object size from their objects")
     attention_dim: int = arg(128, "width of the attention model's modules")
     head_hidden: int = arg(128, "hidden width of x_head, y_head, done_head")
     eval_every: int = arg(250, "validation losses and val count MAE every N steps (the curves)")
@@ -90,13 +100,18 @@ def validate(cfg: BenchConfig) -> list[str]:
     """Every problem with the config at once."""
     errors = []
     for name in parse_variants(cfg.variants):
-        model = name.removesuffix("-nearest")
-        if name != "mean" and model not in VARIANT_MODELS:
-            errors.append(f"--variants: unknown {name!r}; use mean, simple, attention, simple-nearest, attention-nearest")
+        model, *suffixes = name.split("-")
+        if name != "mean" and (model not in VARIANT_MODELS or any(x not in VARIANT_SUFFIXES for x in suffixes)):
+            errors.append(f"--variants: unknown {name!r}; use mean, or simple / attention with optional "
+                          "-token and -nearest suffixes")
     if not parse_variants(cfg.variants):
         errors.append("--variants must name at least one variant")
-    if cfg.finetune not in ("lora4bit", "lora"):
-        errors.append(f"--finetune must be lora4bit or lora, got {cfg.finetune!r}")
+    if cfg.finetune not in ("lora4bit", "lora", "full"):
+        errors.append(f"--finetune must be lora4bit, lora or full, got {cfg.finetune!r}")
+    if cfg.background not in ("textured", "plain"):
+        errors.append(f"--background must be textured or plain, got {cfg.background!r}")
+    if not 0 <= cfg.mark_jitter <= 1:
+        errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     if cfg.steps < 1:
         errors.append(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.minutes < 0:
@@ -146,7 +161,7 @@ def build_bench_data(cfg: BenchConfig) -> str:
     synth = SynthConfig(out=os.path.join(cfg.output_dir, "data"), num_images=cfg.num_images, seed=cfg.seed,
                         min_objects=cfg.min_objects, max_objects=cfg.max_objects, image_height=cfg.image_size,
                         min_width=cfg.image_size, max_width=round(1.25 * cfg.image_size),
-                        num_classes=cfg.num_classes, shared_classes=cfg.shared_classes)
+                        num_classes=cfg.num_classes, shared_classes=cfg.shared_classes, background=cfg.background)
     return _reuse_or_build(synth.out, asdict(synth), lambda: write_synthetic_fsc147(synth))
 
 
@@ -176,10 +191,13 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str)
     """The training run of one variant: same data, model, seed and budget as every other variant."""
     side = processor_side(cfg)
     targets = TEXT_LORA + ("," + VISION_LORA if cfg.lora_vision else "")
+    model_type, *suffixes = variant.split("-")
     return TrainConfig(
         data_root=data_root, model_name_or_path=model_dir, output_dir=os.path.join(cfg.output_dir, variant),
-        model_type=variant.removesuffix("-nearest"),
-        target_strategy="nearest" if variant.endswith("-nearest") else "reading_order",
+        model_type=model_type, pointing="token" if "token" in suffixes else "regress",
+        target_strategy="nearest" if "nearest" in suffixes else "reading_order",
+        finetune="full" if cfg.finetune == "full" else "lora", synthetic_train=cfg.fresh_images,
+        mark_jitter=cfg.mark_jitter,
         load_in_4bit=cfg.finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
         lora_target_modules=targets, attention_dim=cfg.attention_dim, head_hidden=cfg.head_hidden,
         min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,
@@ -202,7 +220,7 @@ def run_mean_baseline(cfg: BenchConfig, data_root: str, test: FSC147Dataset) -> 
     """Always the training mean, on the same test images: MAE/RMSE of the mean, exact accuracy of it rounded."""
     train = FSC147Dataset(data_root, "train")
     mean = float(np.mean([len(e["points"]) for e in train.entries]))
-    entries = test.entries[:cfg.test_images] if cfg.test_images else test.entries
+    entries = [test.entries[i] for i in test.subset_indices(cfg.test_images)]  # the images count_dataset counts
     gt = np.array([len(e["points"]) for e in entries], dtype=np.float64)
     return {"variant": "mean", "status": "ok", "train_mean_count": mean, "mae": float(np.abs(gt - mean).mean()),
             "rmse": float(math.sqrt(((gt - mean) ** 2).mean())), "bias": float(np.mean(mean - gt)), "exact_acc": exact_accuracy(np.full_like(gt, np.round(mean)), gt),
@@ -235,11 +253,13 @@ def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, 
         threshold = min(val_maes, key=val_maes.get)
     records, counting, _, _ = count_dataset(model, test, batch_size=8, done_threshold=threshold,
                                             max_count=cfg.max_count, max_images=cfg.test_images, progress=True)
+    write_json_atomic(os.path.join(tcfg.output_dir, "test_results.json"), {"summary": counting, "images": records})
     states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), test))
     pred = np.array([r["pred_count"] for r in records])
     gt = np.array([r["gt_count"] for r in records])
     return {
         "variant": variant, "status": "ok", "model_type": tcfg.model_type, "target_strategy": tcfg.target_strategy,
+        "pointing": tcfg.pointing,
         "steps": summary["steps"], "train_minutes": train_s / 60, "checkpoint": checkpoint,
         "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
         **{k: counting[k] for k in ("mae", "rmse", "nae", "precision", "recall", "f1", "n_capped", "n_images")},

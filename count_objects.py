@@ -2,12 +2,14 @@
 
     python count_objects.py --checkpoint runs/demo/checkpoint-last --image photo.jpg --class_name "oranges"
     python count_objects.py --checkpoint RUN/checkpoint-best --image shells.jpg --class_name "sea shells" \
-        --out_dir counted/ --done_threshold 0.5 --max_count 500
+        --out_dir counted/ --done_threshold 0.5 --max_count 4000 --exemplar_boxes "10,12,40,38;200,50,228,80"
 
 The counting loop: start with no marks; at each step draw the marks for the points found so far, run
 the model, stop if sigmoid(done) > --done_threshold, else add the predicted (x, y) and go on; stop at
---max_count. Prints the count and writes OUT_DIR/<image>_counted.png (numbered marks) and
-OUT_DIR/<image>_points.json (points in pixels of the original image).
+--max_count. Marks are sized as in training: from exemplar boxes around a few objects
+(--exemplar_boxes, as FSC-147 gives three per image) or a radius in pixels (--mark_radius); without
+either, 1/40 of the shorter image side. Prints the count and writes OUT_DIR/<image>_counted.png
+(numbered marks) and OUT_DIR/<image>_points.json (points in pixels of the original image).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import numpy as np
 import torch
 
 from cli import UsageError, arg, parse_config
-from dataset_fsc147 import clip_points, denormalize_points, draw_marks, load_rgb, mark_radius
+from dataset_fsc147 import clip_points, denormalize_points, draw_marks, load_rgb, mark_radius, normalize_points
 from model_loading import device_of, load_checkpoint
+
+
+MAX_COUNT = 4000  # default cap on points per image: above FSC-147's densest image (3,731 objects)
 
 
 @dataclass
@@ -32,7 +37,7 @@ class CountResult:
     points: np.ndarray  # (K, 2) predicted points in pixels of the original image, in counting order
     steps: int  # forward passes spent on the image (K + 1 when it stopped on done)
     capped: bool  # stopped at max_count rather than on done
-    n_outside: int  # predicted points outside the image (still recorded)
+    n_outside: int  # predicted points outside the image (recorded, marked and fed back at the image's edge)
     n_duplicate: int  # predicted points on top of an earlier one (within a mark radius; still recorded)
     done_probs: list[float] = field(default_factory=list)  # sigmoid(done) at each step
 
@@ -48,50 +53,58 @@ class _State:
     index: int
     image: object
     class_name: str
-    norm_points: list = field(default_factory=list)  # normalised (x, y) per counted point
+    radius: int  # mark radius in pixels
+    points: list = field(default_factory=list)  # (x, y) pixels per counted point, clipped to the image
+    n_outside: int = 0
     done_probs: list = field(default_factory=list)
+
+    def add(self, x: float, y: float) -> None:
+        """Record a predicted point (normalised) where it will be marked: clipped to the image, as in training."""
+        width, height = self.image.size
+        pixel = denormalize_points(np.array([[x, y]], dtype=np.float32), width, height)
+        clipped = clip_points(pixel, width, height)
+        self.n_outside += int(not np.array_equal(pixel, clipped))
+        self.points.append(clipped[0])
+
+    def pixels(self) -> np.ndarray:
+        return np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
 
 
 def _finish(state: _State, capped: bool) -> CountResult:
-    width, height = state.image.size
-    norm = np.asarray(state.norm_points, dtype=np.float32).reshape(-1, 2)
-    points = denormalize_points(norm, width, height)
-    outside = int((np.abs(norm) > 1.0).any(1).sum())
-    radius = mark_radius(width, height)
+    points = state.pixels()
     duplicate = 0
     for i in range(1, len(points)):
-        if (np.hypot(*(points[:i] - points[i]).T) < radius).any():
+        if (np.hypot(*(points[:i] - points[i]).T) < state.radius).any():
             duplicate += 1
-    return CountResult(points, len(state.done_probs), capped, outside, duplicate, list(state.done_probs))
-
-
-def marked_image(state: _State):
-    """The image with the counted points marked 1..k (marks of points off the image drawn at its edge)."""
-    width, height = state.image.size
-    pts = denormalize_points(np.asarray(state.norm_points, dtype=np.float32).reshape(-1, 2), width, height)
-    return draw_marks(state.image, clip_points(pts, width, height))
+    return CountResult(points, len(state.done_probs), capped, state.n_outside, duplicate, list(state.done_probs))
 
 
 @torch.no_grad()
 def count_objects(model, images, class_names, batch_size: int = 8, done_threshold: float = 0.5,
-                  max_count: int = 500, progress=None) -> list[CountResult]:
+                  max_count: int = MAX_COUNT, progress=None, mark_radii=None) -> list[CountResult]:
     """Count every image, several at once: each batch slot holds one image at its own step.
 
     When an image finishes, the next waiting image takes its slot, so batches stay full. Every image
     gets the same inputs as when counted alone, so counts do not depend on batch_size.
+    mark_radii: per image the mark radius in pixels (`dataset_fsc147.mark_radius` of its exemplar
+    boxes); None for the rule without boxes. The model sees the same points that are marked: clipped
+    to the image, like the marks drawn in training.
     """
     if len(images) != len(class_names):
         raise ValueError("images and class_names must have the same length")
+    mark_radii = mark_radii if mark_radii is not None else [None] * len(images)
     model.eval()
     device = device_of(model)
-    waiting = [_State(i, im, c) for i, (im, c) in enumerate(zip(images, class_names))][::-1]
+    waiting = [_State(i, im, c, r or mark_radius(*im.size)) for i, (im, c, r)
+               in enumerate(zip(images, class_names, mark_radii))][::-1]
     active: list[_State] = []
     results: list[CountResult | None] = [None] * len(images)
     while waiting or active:
         while waiting and len(active) < batch_size:
             active.append(waiting.pop())
-        inputs = model.build_inputs([marked_image(s) for s in active], [s.class_name for s in active])
-        counted = [np.asarray(s.norm_points, dtype=np.float32).reshape(-1, 2) for s in active]
+        inputs = model.build_inputs([draw_marks(s.image, s.pixels(), radius=s.radius) for s in active],
+                                    [s.class_name for s in active])
+        counted = [normalize_points(s.pixels(), *s.image.size) for s in active]
         out = model({k: v.to(device) for k, v in inputs.items()}, counted=counted)
         probs = torch.sigmoid(out["done_logit"].float()).cpu().tolist()
         xs, ys = out["x"].float().cpu().tolist(), out["y"].float().cpu().tolist()
@@ -101,8 +114,8 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
             if p > done_threshold:
                 results[state.index] = _finish(state, capped=False)
             else:
-                state.norm_points.append((x, y))
-                if len(state.norm_points) >= max_count:
+                state.add(x, y)
+                if len(state.points) >= max_count:
                     results[state.index] = _finish(state, capped=True)
                 else:
                     still.append(state)
@@ -121,6 +134,21 @@ def points_json(result: CountResult, image_path: str, class_name: str) -> dict:
             "n_duplicate": result.n_duplicate}
 
 
+def parse_boxes(text: str) -> np.ndarray:
+    """'x1,y1,x2,y2;...' -> (M, 4) float32 boxes; raises ValueError naming what is wrong."""
+    boxes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        values = [v.strip() for v in part.split(",")]
+        try:
+            x1, y1, x2, y2 = (float(v) for v in values)
+        except ValueError:
+            raise ValueError(f"{part!r} is not four numbers x1,y1,x2,y2") from None
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"{part!r}: need x2 > x1 and y2 > y1")
+        boxes.append([x1, y1, x2, y2])
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
 def main(argv=None) -> int:
     @dataclass
     class CountConfig:
@@ -128,8 +156,12 @@ def main(argv=None) -> int:
         image: str = arg("", "image file to count in (any mode: grayscale, RGBA, palette are converted)")
         class_name: str = arg("", "what to count, e.g. 'sea shells'")
         out_dir: str = arg("counted", "folder for <image>_counted.png and <image>_points.json")
+        exemplar_boxes: str = arg("", "boxes around a few of the objects, 'x1,y1,x2,y2;x1,y1,x2,y2;...' in pixels: "
+                                  "marks are sized from them, as in training")
+        mark_radius: int = arg(0, "mark radius in pixels instead of --exemplar_boxes (0: from the boxes, or 1/40 "
+                               "of the shorter image side without them)")
         done_threshold: float = arg(0.5, "stop when sigmoid(done) exceeds this")
-        max_count: int = arg(500, "stop after this many points")
+        max_count: int = arg(MAX_COUNT, "stop after this many points")
         device: str = arg("auto", "auto, cpu or cuda")
 
     def validate(cfg) -> list[str]:
@@ -138,6 +170,12 @@ def main(argv=None) -> int:
             errors.append("--done_threshold must be in (0, 1)")
         if cfg.max_count < 1:
             errors.append("--max_count must be >= 1")
+        if cfg.mark_radius < 0:
+            errors.append("--mark_radius must be >= 0")
+        try:
+            parse_boxes(cfg.exemplar_boxes)
+        except ValueError as e:
+            errors.append(f"--exemplar_boxes: {e}")
         return errors
 
     cfg = parse_config(CountConfig, argv, __doc__, validate)
@@ -152,13 +190,14 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    radius = cfg.mark_radius or mark_radius(*image.size, parse_boxes(cfg.exemplar_boxes))
     result = count_objects(model, [image], [cfg.class_name], batch_size=1, done_threshold=cfg.done_threshold,
-                           max_count=cfg.max_count)[0]
+                           max_count=cfg.max_count, mark_radii=[radius])[0]
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(cfg.image))[0]
     png = os.path.join(cfg.out_dir, f"{stem}_counted.png")
     js = os.path.join(cfg.out_dir, f"{stem}_points.json")
-    draw_marks(image, clip_points(result.points, *image.size)).save(png)
+    draw_marks(image, result.points, radius=radius).save(png)
     with open(js, "w", encoding="utf-8") as f:
         json.dump(points_json(result, cfg.image, cfg.class_name), f, indent=2)
     flags = (" (stopped at --max_count)" if result.capped else "") + (

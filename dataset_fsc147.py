@@ -28,13 +28,13 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from cli import UsageError, parse_config
+from cli import UsageError, config_from_dict, parse_config
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,29 @@ def clip_points(points: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- dataset
+
+
+def spread_over_classes(class_names: list[str], n: int, seed: int = 0) -> list[int]:
+    """Indices (ascending) of a fixed sample of n items spread over the classes.
+
+    FSC-147 lists each split in runs of one class, so "the first n" covers a handful of classes (the
+    first 16 val images: 3 of 29). Here classes take turns (in name order), each giving its next image
+    in a seeded shuffled order, until n are taken: every class appears once n >= the number of classes,
+    and the same (names, n, seed) always gives the same indices.
+    """
+    if n <= 0 or n >= len(class_names):
+        return list(range(len(class_names)))
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, name in enumerate(class_names):
+        by_class.setdefault(name, []).append(i)
+    queues = [list(rng.permutation(by_class[name])) for name in sorted(by_class)]
+    picked = []
+    while len(picked) < n:
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(int(queue.pop(0)))
+    return sorted(picked)
 
 
 @dataclass
@@ -135,13 +158,14 @@ def load_rgb(path: str) -> Image.Image:
 class FSC147Dataset(torch.utils.data.Dataset):
     """The images of one split of FSC-147 (or of a synthetic dataset in its layout).
 
+    `max_images` > 0 keeps a fixed sample of that many, spread over the classes (`spread_over_classes`).
     Entries that cannot be used are skipped with a warning and counted in `self.skipped`
     ({reason: [ids]}): listed in the split but missing from the annotation file, no points, image
     file missing. Images that fail to decode are found when loaded: `__getitem__` returns None for
     them and counts them, and `collate_samples` drops the None.
     """
 
-    def __init__(self, root: str, split: str = "train", max_images: int = 0):
+    def __init__(self, root: str, split: str = "train", max_images: int = 0, subset_seed: int = 0):
         self.root = root
         self.split = split
         missing = [p for p in (IMAGE_DIR, ANNOTATION_FILE, SPLIT_FILE, CLASS_FILE)
@@ -166,14 +190,18 @@ class FSC147Dataset(torch.utils.data.Dataset):
                 self.skipped.setdefault(reason, []).append(image_id)
                 continue
             self.entries.append({"id": image_id, "class_name": classes[image_id], **annotations[image_id]})
-            if max_images and len(self.entries) >= max_images:
-                break
         if self.skipped:
             summary = "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in self.skipped.items())
             logger.warning("%s split %r: skipped %d entries: %s", root, split, self.num_skipped, summary)
         if not self.entries:
             raise UsageError(f"{root}: split {split!r} has no usable images "
                              f"({len(splits[split])} listed, {self.num_skipped} skipped)")
+        if max_images:  # a fixed sample spread over the classes, not the first N (one or two classes)
+            self.entries = [self.entries[i] for i in self.subset_indices(max_images, subset_seed)]
+
+    def subset_indices(self, n: int, seed: int = 0) -> list[int]:
+        """Indices of n images spread over the split's classes, the same for the same (n, seed)."""
+        return spread_over_classes([e["class_name"] for e in self.entries], n, seed)
 
     def _check_entry(self, image_id: str, annotations: dict, classes: dict) -> str | None:
         """Why an entry of the split cannot be used, or None when it can."""
@@ -253,8 +281,28 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def mark_radius(width: int, height: int) -> int:
-    """Mark radius in pixels: scales with the image so marks stay legible after resizing."""
+MARK_TO_OBJECT = 0.35  # mark radius / typical object size: covers an object's middle, not its neighbours
+MIN_MARK_RADIUS = 2
+MIN_LABELLED_RADIUS = 5  # smaller marks are plain discs: a legible number would be larger than the object
+
+
+def object_size(boxes: np.ndarray | None, width: int, height: int) -> float:
+    """Typical object size in pixels: the mean (w + h) / 2 of the exemplar boxes, or 1/20 of the shorter
+    image side when there are none."""
+    if boxes is not None and len(boxes):
+        return float(np.mean((boxes[:, 2] - boxes[:, 0] + boxes[:, 3] - boxes[:, 1]) / 2))
+    return min(width, height) / 20
+
+
+def mark_radius(width: int, height: int, boxes: np.ndarray | None = None) -> int:
+    """Mark radius in pixels, the one rule for training, counting and evaluation.
+
+    With exemplar boxes: 0.35 of the typical object size, so a mark covers the middle of its object
+    and leaves its neighbours visible, whether objects are 5 or 200 pixels wide (FSC-147 has both).
+    Without boxes: 1/40 of the shorter image side.
+    """
+    if boxes is not None and len(boxes):
+        return max(MIN_MARK_RADIUS, round(MARK_TO_OBJECT * object_size(boxes, width, height)))
     return max(4, round(min(width, height) / 40))
 
 
@@ -267,6 +315,7 @@ def _mark_stamp(label: str, r: int) -> tuple[Image.Image, int]:
     """
     font = _font(max(8, round(1.3 * r)))
     stroke = max(1, r // 5)
+    label = label if r >= MIN_LABELLED_RADIUS else ""
     probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
     left, top, right, bottom = probe.textbbox((0, 0), label, font=font, anchor="mm", stroke_width=stroke)
     c = int(math.ceil(max(r + stroke, -left, right, -top, bottom))) + 1  # half size: disc and text fit
@@ -274,16 +323,18 @@ def _mark_stamp(label: str, r: int) -> tuple[Image.Image, int]:
     draw = ImageDraw.Draw(stamp)
     draw.ellipse([c - r - stroke, c - r - stroke, c + r + stroke, c + r + stroke], fill=(0, 0, 0, 255))
     draw.ellipse([c - r, c - r, c + r, c + r], fill=(220, 30, 30, 255), outline=(255, 255, 255, 255), width=stroke)
-    draw.text((c, c), label, fill=(255, 255, 255, 255), font=font, anchor="mm", stroke_width=stroke,
-              stroke_fill=(0, 0, 0, 255))
+    if label:
+        draw.text((c, c), label, fill=(255, 255, 255, 255), font=font, anchor="mm", stroke_width=stroke,
+                  stroke_fill=(0, 0, 0, 255))
     return stamp, c
 
 
-def draw_marks(image: Image.Image, points, labels=None) -> Image.Image:
+def draw_marks(image: Image.Image, points, labels=None, radius: int | None = None) -> Image.Image:
     """Return a copy of `image` with a numbered mark (1, 2, ...) at each counted point.
 
     A filled red disc with a white-then-black outline, and a white number with a black stroke: one
-    of the two outlines contrasts with any background. Radius and font size scale with the image.
+    of the two outlines contrasts with any background. `radius`: from `mark_radius` (default: its
+    rule without exemplar boxes); marks smaller than 5 px carry no number.
     Deterministic: the same inputs give the same pixels (marks sit on the nearest whole pixel).
     """
     out = image.convert("RGB")  # convert() copies, so the caller's image is untouched
@@ -291,7 +342,7 @@ def draw_marks(image: Image.Image, points, labels=None) -> Image.Image:
     if len(points) == 0:
         return out
     labels = labels if labels is not None else range(1, len(points) + 1)
-    r = mark_radius(*out.size)
+    r = radius or mark_radius(*out.size)
     for (x, y), label in zip(points, labels):
         stamp, c = _mark_stamp(str(label), r)
         out.paste(stamp, (int(round(float(x))) - c, int(round(float(y))) - c), stamp)
@@ -304,12 +355,18 @@ def draw_marks(image: Image.Image, points, labels=None) -> Image.Image:
 def reading_order(points: np.ndarray, boxes: np.ndarray | None = None, height: int = 384) -> np.ndarray:
     """Indices of points in reading order: rows top to bottom, left to right within a row.
 
-    A row is a horizontal band as tall as the mean exemplar box (or height / 12 without boxes), so
-    objects side by side are read left to right even when their y differ by a few pixels.
+    Rows are grouped by gaps: sorted by y, a new row starts where the next point lies more than half an
+    object height (the mean exemplar box height, or height / 12 without boxes) below the previous one.
+    So objects side by side are read left to right even when their y differ by a few pixels, and the
+    order does not depend on where the image's origin falls (fixed bands would split a row that
+    straddles a band boundary).
     """
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
     band = float(np.mean(boxes[:, 3] - boxes[:, 1])) if boxes is not None and len(boxes) else height / 12
-    band = max(band, 1.0)
-    rows = np.floor(points[:, 1] / band)
+    by_y = np.argsort(points[:, 1], kind="stable")
+    new_row = np.diff(points[by_y, 1]) > max(band, 1.0) / 2
+    rows = np.empty(len(points), dtype=np.int64)
+    rows[by_y] = np.concatenate([[0], np.cumsum(new_row)])
     return np.lexsort((points[:, 0], rows))
 
 
@@ -321,20 +378,33 @@ class CountingBatch:
     ids: list[str]
     images: list[Image.Image]  # with the counted objects marked 1..k
     class_names: list[str]
-    counted: list[np.ndarray]  # per state (k, 2) normalised points, in counting order
+    counted: list[np.ndarray]  # per state (k, 2) normalised points where the marks are, in counting order
     num_objects: list[int]  # N per image
+    remaining: list[np.ndarray]  # per state (N - k, 2) normalised points of the uncounted objects
     done: torch.Tensor  # (B,) 1.0 when k == N
     targets: torch.Tensor  # (B, M, 2) normalised candidate next objects (padded)
     target_mask: torch.Tensor  # (B, M) True where targets holds a candidate
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) per image
+    mark_radii: list[int] = field(default_factory=list)  # mark radius in pixels per image
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
+def jitter_points(points: np.ndarray, scale: float, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Points moved uniformly within a disc of radius `scale` pixels, clipped to the image: where the
+    counting loop's marks land when its points are off by up to `scale`."""
+    if scale <= 0 or len(points) == 0:
+        return points
+    r = scale * np.sqrt(rng.random(len(points)))
+    angle = rng.uniform(0, 2 * np.pi, len(points))
+    moved = points + np.stack([r * np.cos(angle), r * np.sin(angle)], 1).astype(np.float32)
+    return clip_points(moved, width, height)
+
+
 def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
                   strategy: str = "reading_order", offset: int = 0, global_size: int | None = None,
-                  near_done: float = 0.0) -> CountingBatch:
+                  near_done: float = 0.0, jitter: float = 0.0) -> CountingBatch:
     """Build one counting state per image: N objects, k of them counted and marked 1..k.
 
     With several processes, `samples` is this process's slice of a global batch of `global_size`
@@ -351,6 +421,8 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
       - "nearest": the counted objects are a random subset of k, marked 1..k in random order; every
         uncounted object is a target and the loss is the distance to the nearest one (min over
         targets), so the model is never pulled to a point between two valid objects.
+    `jitter` > 0: each mark (and counted point) lands up to jitter x the object size (`object_size`)
+    from its object, as marks drawn at the counting loop's imperfect points do.
     """
     if mode not in ("cls", "reg"):
         raise ValueError(f"mode must be 'cls' or 'reg', got {mode!r}")
@@ -369,7 +441,7 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
     seeds = rng.integers(2**63, size=total)
     done_flags, seeds = done_flags[offset:offset + n], seeds[offset:offset + n]
 
-    images, counted, candidates = [], [], []
+    images, counted, candidates, remaining, radii = [], [], [], [], []
     for sample, done, seed in zip(samples, done_flags, seeds):
         width, height = sample.image.size
         num = len(sample.points)
@@ -387,9 +459,14 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
             order = sample_rng.permutation(num)
             next_idx = order[k:]
         counted_px = sample.points[order[:k]]
-        images.append(draw_marks(sample.image, counted_px))
+        if jitter > 0:
+            counted_px = jitter_points(counted_px, jitter * object_size(sample.boxes, width, height), sample_rng,
+                                       width, height)
+        radii.append(mark_radius(width, height, sample.boxes))
+        images.append(draw_marks(sample.image, counted_px, radius=radii[-1]))
         counted.append(normalize_points(counted_px, width, height))
         candidates.append(normalize_points(sample.points[next_idx], width, height))
+        remaining.append(normalize_points(sample.points[order[k:]], width, height))
 
     m = max(1, max(len(c) for c in candidates))
     targets = torch.zeros(n, m, 2)
@@ -399,9 +476,9 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
         mask[i, :len(cand)] = True
     return CountingBatch(
         mode=mode, ids=[s.id for s in samples], images=images, class_names=[s.class_name for s in samples],
-        counted=counted, num_objects=[len(s.points) for s in samples],
+        counted=counted, num_objects=[len(s.points) for s in samples], remaining=remaining,
         done=torch.from_numpy(done_flags.astype(np.float32)), targets=targets, target_mask=mask,
-        sizes=[s.image.size for s in samples],
+        sizes=[s.image.size for s in samples], mark_radii=radii,
     )
 
 
@@ -428,6 +505,7 @@ class SynthConfig:
     max_width: int = 576
     num_classes: int = 12  # object classes (colour + shape), split 50/25/25 disjoint over train/val/test
     shared_classes: bool = False  # every split uses all classes (held-out layouts, seen classes), as in benchmarks
+    background: str = "textured"  # textured (gradient, noise, stripes or speckle) or plain (one colour)
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -490,11 +568,23 @@ def synth_classes(num_classes: int, rng: np.random.Generator) -> list[tuple[str,
     return [(f"{combos[i][0]} {PLURALS[combos[i][1]]}", combos[i][1], combos[i][0]) for i in picks]
 
 
+def _plain_background(rng: np.random.Generator, width: int, height: int, colour) -> Image.Image:
+    """One colour, at least 100 (sum of channel differences) away from the objects' colour."""
+    for _ in range(100):
+        fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        if sum(abs(a - b) for a, b in zip(fill, colour)) >= 100:
+            break
+    return Image.new("RGB", (width, height), fill)
+
+
 def synth_image(rng: np.random.Generator, cfg: SynthConfig, shape: str, colour: str):
     """One image with N non-overlapping objects of one class. Returns (image, points, boxes)."""
     width = int(rng.integers(cfg.min_width, cfg.max_width + 1))
     height = cfg.image_height
-    image = _background(rng, width, height)
+    if cfg.background == "plain":
+        image = _plain_background(rng, width, height, COLOURS[colour])
+    else:
+        image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     num = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     # Fewer objects -> larger objects, as photos of a few things are taken closer up.
@@ -518,16 +608,25 @@ def synth_image(rng: np.random.Generator, cfg: SynthConfig, shape: str, colour: 
     return image, pts, boxes
 
 
-def write_synthetic_fsc147(cfg: SynthConfig) -> dict:
-    """Write images, annotations, splits (disjoint classes) and class file in the FSC-147 layout."""
-    rng = np.random.default_rng(cfg.seed)
+SYNTH_CONFIG_FILE = "synth_config.json"  # written beside a synthetic dataset: how to make more of its images
+
+
+def synth_split_classes(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, list[tuple[str, str, str]]]:
+    """The classes of each split: disjoint halves/quarters, or all classes everywhere with shared_classes."""
     classes = synth_classes(cfg.num_classes, rng)
     n_train_cls = max(1, cfg.num_classes // 2)
     n_val_cls = max(1, (cfg.num_classes - n_train_cls) // 2)
-    split_classes = {"train": classes[:n_train_cls], "val": classes[n_train_cls:n_train_cls + n_val_cls],
-                     "test": classes[n_train_cls + n_val_cls:]}
     if cfg.shared_classes:
-        split_classes = {split: classes for split in split_classes}
+        return {split: classes for split in ("train", "val", "test")}
+    return {"train": classes[:n_train_cls], "val": classes[n_train_cls:n_train_cls + n_val_cls],
+            "test": classes[n_train_cls + n_val_cls:]}
+
+
+def write_synthetic_fsc147(cfg: SynthConfig) -> dict:
+    """Write images, annotations, splits (disjoint classes) and class file in the FSC-147 layout, and
+    the generator's settings (synth_config.json, for `SyntheticTrainImages`)."""
+    rng = np.random.default_rng(cfg.seed)
+    split_classes = synth_split_classes(cfg, rng)
     n_train = round(cfg.num_images * 0.6)
     n_val = round(cfg.num_images * 0.2)
     counts = {"train": n_train, "val": n_val, "test": cfg.num_images - n_train - n_val}
@@ -555,6 +654,8 @@ def write_synthetic_fsc147(cfg: SynthConfig) -> dict:
         json.dump(splits, f, indent=1)
     with open(os.path.join(cfg.out, CLASS_FILE), "w", encoding="utf-8") as f:
         f.writelines(class_lines)
+    with open(os.path.join(cfg.out, SYNTH_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(asdict(cfg), f, indent=2)
     return {s: {"images": len(splits[s]), "classes": [c[0] for c in split_classes[s]]} for s in ("train", "val", "test")}
 
 
@@ -571,7 +672,48 @@ def validate_synth(cfg: SynthConfig) -> list[str]:
         errors.append("need --image_height >= 64 and 64 <= --min_width <= --max_width")
     if not 3 <= cfg.num_classes <= len(SHAPES) * len(COLOURS):
         errors.append(f"--num_classes must be in [3, {len(SHAPES) * len(COLOURS)}]")
+    if cfg.background not in ("textured", "plain"):
+        errors.append(f"--background must be textured or plain, got {cfg.background!r}")
     return errors
+
+
+class SyntheticTrainImages(torch.utils.data.Dataset):
+    """Fresh training images from the generator that wrote a synthetic dataset: image i is made from
+    seed (seed, i), so every index is a new image (nothing to memorise) and the same index is always
+    the same image (resume and several processes work as with files).
+
+    Same classes, sizes and object counts as the dataset's train split; JPEG-compressed in memory
+    as the written files are.
+    """
+
+    def __init__(self, root: str, length: int = 10**6):
+        path = os.path.join(root, SYNTH_CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise UsageError(f"{path} is missing: training on fresh synthetic images needs a data root written "
+                             "by `python dataset_fsc147.py synth`")
+        self.cfg = config_from_dict(SynthConfig, _read_json(path))
+        self.classes = synth_split_classes(self.cfg, np.random.default_rng(self.cfg.seed))["train"]
+        self.length = length
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Sample:
+        rng = np.random.default_rng([self.cfg.seed, 7919, index])
+        return synth_sample(rng, self.cfg, self.classes[index % len(self.classes)], f"synth-{index}")
+
+
+def synth_sample(rng: np.random.Generator, cfg: SynthConfig, cls: tuple[str, str, str], image_id: str) -> Sample:
+    """One synthetic image as a Sample, JPEG-compressed in memory as `write_synthetic_fsc147` stores it."""
+    import io
+
+    name, shape, colour = cls
+    image, points, boxes = synth_image(rng, cfg, shape, colour)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    image = Image.open(buf).convert("RGB")
+    return Sample(image_id, image, np.asarray(points, dtype=np.float32).reshape(-1, 2), _parse_boxes(boxes), name)
 
 
 def show_state(root: str, split: str, index: int, k: int, out: str) -> int:
@@ -584,7 +726,7 @@ def show_state(root: str, split: str, index: int, k: int, out: str) -> int:
         raise UsageError(f"image {ds.entries[index]['id']} of split {split!r} could not be read")
     order = reading_order(sample.points, sample.boxes, sample.image.height)
     k = len(order) if k < 0 else min(k, len(order))
-    draw_marks(sample.image, sample.points[order[:k]]).save(out)
+    draw_marks(sample.image, sample.points[order[:k]], radius=mark_radius(*sample.image.size, sample.boxes)).save(out)
     print(f"{out}: {sample.id} ({sample.class_name}), {k} of {len(order)} objects marked")
     return 0
 

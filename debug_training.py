@@ -101,7 +101,7 @@ def total_loss(model, inputs: dict, batches: dict) -> tuple[torch.Tensor, dict]:
         out = model(inputs[mode], counted=batch.counted)
         outs[mode] = out
         loss = loss + compute_loss(out, batch.done.to(device), batch.targets.to(device),
-                                   batch.target_mask.to(device), mode)
+                                   batch.target_mask.to(device), mode, remaining=batch.remaining)
     return loss, outs
 
 

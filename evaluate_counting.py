@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from count_objects import CountResult, count_objects
+from count_objects import MAX_COUNT, CountResult, count_objects
 from cli import UsageError, arg, parse_config, write_json_atomic
-from dataset_fsc147 import FSC147Dataset, clip_points, draw_marks, mark_radius
+from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size
 from model_loading import load_checkpoint
 
 
@@ -37,8 +37,9 @@ class EvalConfig:
     output_dir: str = arg("", "where results.json and overlays go (default: CHECKPOINT/eval-<split>)")
     batch_size: int = arg(8, "images counted at once (each at its own step)")
     done_threshold: float = arg(0.5, "stop counting an image when sigmoid(done) exceeds this")
-    max_count: int = arg(500, "stop counting an image after this many points (reported as capped)")
-    max_images: int = arg(0, "count only the first N images of the split (0: all)")
+    max_count: int = arg(MAX_COUNT, "stop counting an image after this many points (reported as capped); the default "
+                         "covers FSC-147's densest image (3,731 objects)")
+    max_images: int = arg(0, "count only N images of the split, a fixed sample spread over its classes (0: all)")
     match_radius: float = arg(0.0, "localisation match radius in pixels (0: half the image's mean exemplar box size)")
     save_overlays: int = arg(0, "write PNGs of the first K images: predicted marks | ground-truth dots")
     device: str = arg("auto", "auto, cpu or cuda")
@@ -75,7 +76,7 @@ def match_points(pred: np.ndarray, gt: np.ndarray, radius: float) -> int:
 def default_radius(boxes: np.ndarray, width: int, height: int) -> float:
     """Half the mean exemplar box size ((w + h) / 2), or a mark radius when there are no boxes."""
     if len(boxes):
-        return float(np.mean((boxes[:, 2] - boxes[:, 0] + boxes[:, 3] - boxes[:, 1]) / 2) / 2)
+        return object_size(boxes, width, height) / 2
     return float(mark_radius(width, height))
 
 
@@ -129,7 +130,7 @@ def image_record(sample, result: CountResult, radius: float) -> dict:
 def overlay(sample, result: CountResult) -> Image.Image:
     """Side by side: the model's numbered marks | ground-truth points as dots."""
     width, height = sample.image.size
-    left = draw_marks(sample.image, clip_points(result.points, width, height))
+    left = draw_marks(sample.image, result.points, radius=mark_radius(width, height, sample.boxes))
     right = sample.image.copy()
     draw = ImageDraw.Draw(right)
     r = max(2, mark_radius(width, height) // 2)
@@ -145,24 +146,30 @@ def overlay(sample, result: CountResult) -> Image.Image:
 
 
 def count_dataset(model, dataset, batch_size: int, done_threshold: float, max_count: int,
-                  max_images: int = 0, match_radius: float = 0.0, progress: bool = True):
-    """Count the images of a dataset. Returns (records, summary, samples, results, n_skipped)."""
+                  max_images: int = 0, match_radius: float = 0.0, progress: bool = True, indices=None):
+    """Count the images of a dataset: all, `max_images` of them spread over the classes, or `indices`.
+
+    Returns (records, summary, samples, results); the summary is empty when there is nothing to count
+    (a process's empty slice).
+    """
     from tqdm.auto import tqdm
 
-    n = min(len(dataset), max_images) if max_images else len(dataset)
     samples, skipped = [], 0
-    for i in range(n):
+    for i in dataset.subset_indices(max_images) if indices is None else indices:
         sample = dataset[i]
         if sample is None:
             skipped += 1  # unreadable image: dataset logged it; counted here
         else:
             samples.append(sample)
     if not samples:
+        if indices is not None and not skipped:
+            return [], {}, [], []
         raise UsageError(f"no readable images to count ({skipped} skipped)")
     bar = tqdm(total=len(samples), desc="counting", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     results = count_objects(model, [s.image for s in samples], [s.class_name for s in samples], batch_size,
-                            done_threshold, max_count, progress=bar)
+                            done_threshold, max_count, progress=bar,
+                            mark_radii=[mark_radius(*s.image.size, s.boxes) for s in samples])
     elapsed = time.perf_counter() - start
     bar.close()
     records = [image_record(s, r, match_radius or default_radius(s.boxes, *s.image.size))

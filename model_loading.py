@@ -19,10 +19,12 @@ import torch
 
 from cli import UsageError, arg, config_from_dict, write_json_atomic
 from model_sequential_attention import ATTENTION_MODULES, SequentialAttentionCountingModel
-from model_sequential_simple import SPECIAL_TOKENS, SimpleSequentialModel
+from model_sequential_simple import POINTING_MODES, SPECIAL_TOKENS, SimpleSequentialModel
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 HEADS_FILE = "heads.safetensors"
+BACKBONE_FILE = "backbone_trained.safetensors"  # backbone weights trained outside LoRA (full fine-tuning)
+FINETUNE_MODES = ("lora", "full")
 STATE_FILE = "training_state.pt"
 MODEL_TYPES = ("simple", "attention")
 
@@ -37,7 +39,15 @@ class ModelConfig:
     attention_modules: str = arg("memory,foveation,cross_attention,reasoning",
                                  "with --model_type attention: comma-separated modules to enable (empty: simple model)")
     attention_dim: int = arg(256, "with --model_type attention: width of the attention modules")
+    pointing: str = arg("regress", "regress (x_head/y_head regress x, y; the seed's design) or token (score every "
+                        "image token as 'next object here', CE on the target's token + a sub-token offset; "
+                        "done also sees the strongest 'unmarked object here' token score)")
     load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation; bf16 compute on GPU, fp32 on CPU) + LoRA (QLoRA)")
+    quantize_vision: bool = arg(False, "with --load_in_4bit, quantise the vision tower too (by default it stays in "
+                                "bf16 on GPU / fp32 on CPU: quantising a 2B model's vision tower is a known cause "
+                                "of badly degraded perception)")
+    finetune: str = arg("lora", "lora (LoRA adapters on a frozen backbone) or full (train every backbone weight; "
+                        "needs --no-load_in_4bit; for tiny random backbones, which have nothing pretrained to keep)")
     lora_r: int = arg(16, "LoRA rank")
     lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = arg(0.05, "LoRA dropout")
@@ -55,6 +65,12 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
     errors = []
     if cfg.model_type not in MODEL_TYPES:
         errors.append(f"--model_type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
+    if cfg.pointing not in POINTING_MODES:
+        errors.append(f"--pointing must be one of {POINTING_MODES}, got {cfg.pointing!r}")
+    if cfg.finetune not in FINETUNE_MODES:
+        errors.append(f"--finetune must be one of {FINETUNE_MODES}, got {cfg.finetune!r}")
+    elif cfg.finetune == "full" and cfg.load_in_4bit:
+        errors.append("--finetune full trains every backbone weight, which 4-bit weights cannot: add --no-load_in_4bit")
     unknown = [m for m in attention_module_list(cfg) if m not in ATTENTION_MODULES]
     if unknown:
         errors.append(f"--attention_modules: unknown {unknown}; choose from {', '.join(ATTENTION_MODULES)}")
@@ -79,6 +95,25 @@ def attention_module_list(cfg: ModelConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- building
+
+
+class PatchConvAsMatmul(torch.nn.Conv3d):
+    """Qwen2-VL's patch embedding (a Conv3d whose kernel is its stride, applied to inputs exactly one
+    kernel big) as one matrix multiply: the same weights and function (to float rounding); on CPU its
+    backward, which full fine-tuning pays at every step, ran 3x faster than the convolution's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, kt, kh, kw) -> (N, out, 1, 1, 1)
+        n = x.shape[0]
+        out = torch.nn.functional.linear(x.reshape(n, -1), self.weight.reshape(self.out_channels, -1), self.bias)
+        return out.view(n, self.out_channels, 1, 1, 1)
+
+
+def use_matmul_patch_embedding(backbone) -> None:
+    """Swap the vision tower's patch-embedding convolution for `PatchConvAsMatmul` (CPU only)."""
+    for name, module in backbone.named_modules():
+        if (name.endswith("patch_embed.proj") and type(module) is torch.nn.Conv3d
+                and module.kernel_size == module.stride and module.padding == (0, 0, 0) and module.groups == 1):
+            module.__class__ = PatchConvAsMatmul
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -116,9 +151,13 @@ def load_backbone(cfg: ModelConfig, device: torch.device):
     kwargs = {}
     if cfg.load_in_4bit:
         # bf16 matmuls on a CPU without AVX-512 BF16 are emulated: fp32 compute ran the tiny model 4x faster.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            bnb_4bit_compute_dtype=dtype,
+            # The modules left in `dtype`: the vision tower (unless --quantize_vision) and the LM head.
+            llm_int8_skip_modules=["lm_head"] if cfg.quantize_vision else ["visual", "lm_head"])
+        kwargs["dtype"] = dtype
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     else:
         kwargs["dtype"] = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -144,20 +183,31 @@ def load_backbone(cfg: ModelConfig, device: torch.device):
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
+    if device.type == "cpu":
+        use_matmul_patch_embedding(model)
     return model
 
 
-def build_model(cfg: ModelConfig, adapter_path: str | None = None, trainable: bool = True):
-    """Processor + backbone + LoRA (new, or loaded from `adapter_path`) + heads, on the device."""
+def build_model(cfg: ModelConfig, checkpoint: str | None = None, trainable: bool = True):
+    """Processor + backbone + LoRA (new, or a checkpoint's) + heads, on the device.
+
+    `checkpoint`: a checkpoint folder to take the processor and the LoRA adapter from (the heads and
+    other trained weights are loaded by `load_checkpoint`). With --finetune full there is no LoRA:
+    every backbone weight trains (when `trainable`).
+    """
     from peft import LoraConfig, PeftModel, get_peft_model
 
     device = resolve_device(cfg)
-    processor = load_processor(adapter_path or cfg.model_name_or_path, cfg)
+    processor = load_processor(checkpoint or cfg.model_name_or_path, cfg)
     backbone = load_backbone(cfg, device)
     if len(processor.tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
         backbone.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
-    if adapter_path:
-        backbone = PeftModel.from_pretrained(backbone, adapter_path, is_trainable=trainable)
+    if cfg.finetune == "full":
+        for p in backbone.parameters():
+            p.requires_grad_(trainable)
+        backbone.get_input_embeddings().weight.requires_grad_(False)  # its 3 new rows train in token_embeddings
+    elif checkpoint:
+        backbone = PeftModel.from_pretrained(backbone, checkpoint, is_trainable=trainable)
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=[m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()],
@@ -170,9 +220,9 @@ def build_model(cfg: ModelConfig, adapter_path: str | None = None, trainable: bo
     if cfg.model_type == "attention":
         model = SequentialAttentionCountingModel(backbone, processor, head_hidden=cfg.head_hidden,
                                                  modules=tuple(attention_module_list(cfg)),
-                                                 attention_dim=cfg.attention_dim)
+                                                 attention_dim=cfg.attention_dim, pointing=cfg.pointing)
     else:
-        model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden)
+        model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden, pointing=cfg.pointing)
     for name, module in model.named_children():
         if name != "backbone":  # the backbone is already placed (4-bit needs device_map)
             module.to(device)
@@ -192,9 +242,16 @@ def device_of(model) -> torch.device:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def backbone_trained_weights(model) -> dict[str, torch.Tensor]:
+    """Backbone weights that train outside a LoRA adapter (all of them with --finetune full)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.backbone.named_parameters()
+            if p.requires_grad and "lora_" not in n}
+
+
 def save_checkpoint(model, cfg, folder: str, training_state: dict | None = None) -> str:
-    """Write `folder` atomically: adapter, heads + token rows, processor, config.json (all of `cfg`), and
-    `training_state.pt` when the caller passes one (optimizer, scheduler, counters, RNG states).
+    """Write `folder` atomically with every weight that trained: the LoRA adapter (or, with full
+    fine-tuning, backbone_trained.safetensors), heads + token rows, processor, config.json (all of
+    `cfg`), and `training_state.pt` when the caller passes one (optimizer, scheduler, counters, RNG).
 
     Written to a temporary sibling folder and renamed into place; the previous checkpoint of that name
     survives until the new one is complete.
@@ -205,7 +262,11 @@ def save_checkpoint(model, cfg, folder: str, training_state: dict | None = None)
     tmp = os.path.join(parent, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model.backbone.save_pretrained(tmp)
+    if hasattr(model.backbone, "peft_config"):
+        model.backbone.save_pretrained(tmp)
+    trained = backbone_trained_weights(model)
+    if trained:
+        save_file(trained, os.path.join(tmp, BACKBONE_FILE))
     save_file(model.head_state_dict(), os.path.join(tmp, HEADS_FILE))
     model.processor.save_pretrained(tmp)
     write_json_atomic(os.path.join(tmp, "config.json"), asdict(cfg))
@@ -220,33 +281,56 @@ def save_checkpoint(model, cfg, folder: str, training_state: dict | None = None)
     return folder
 
 
+def load_backbone_trained(model, path: str) -> None:
+    """Load backbone_trained.safetensors (if the checkpoint has one) into the backbone; every key must fit."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, BACKBONE_FILE)
+    if not os.path.exists(file):
+        return
+    state = load_file(file, device=str(next(model.backbone.parameters()).device))
+    params = dict(model.backbone.named_parameters())
+    unknown = [k for k in state if k not in params]
+    if unknown:
+        raise UsageError(f"{file}: weights {unknown[:3]} are not in the backbone (was it trained with another config?)")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
 def load_weights(model, path: str) -> None:
-    """Load a checkpoint's adapter and heads into a model built with the same config (for resuming)."""
+    """Load a checkpoint's trained weights into a model built with the same config (for resuming)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model.backbone, load_file(os.path.join(path, "adapter_model.safetensors")))
+    if hasattr(model.backbone, "peft_config"):
+        set_peft_model_state_dict(model.backbone, load_file(os.path.join(path, "adapter_model.safetensors")))
+    load_backbone_trained(model, path)
     model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
 
 
 def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, config_cls=ModelConfig, **overrides):
-    """Rebuild a model from a checkpoint folder; returns (model, config as `config_cls`)."""
+    """Rebuild a model from a checkpoint folder with every weight that trained; returns (model, config as
+    `config_cls`)."""
     from safetensors.torch import load_file
 
-    required = ("config.json", HEADS_FILE, "adapter_config.json")
     if not os.path.isdir(path):
         raise UsageError(f"checkpoint {path!r} is not a folder")
-    missing = [f for f in required if not os.path.exists(os.path.join(path, f))]
+    missing = [f for f in ("config.json", HEADS_FILE) if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise UsageError(f"{path} is not a checkpoint of this project: missing {', '.join(missing)}")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = config_from_dict(config_cls, json.load(f))
     cfg = dataclasses.replace(cfg, device=device, **overrides)
-    model = build_model(cfg, adapter_path=path, trainable=trainable)
+    need = "adapter_config.json" if cfg.finetune == "lora" else BACKBONE_FILE
+    if not os.path.exists(os.path.join(path, need)):
+        raise UsageError(f"{path} is not a complete checkpoint: missing {need} (--finetune {cfg.finetune})")
+    model = build_model(cfg, checkpoint=path, trainable=trainable)
+    load_backbone_trained(model, path)
     try:
         model.load_head_state_dict(load_file(os.path.join(path, HEADS_FILE), device=str(device_of(model))))
     except ValueError as e:
         raise UsageError(f"{path}: heads.safetensors does not fit --model_type {cfg.model_type} "
-                         f"(modules {cfg.attention_modules!r}): {e}") from None
+                         f"(modules {cfg.attention_modules!r}, --pointing {cfg.pointing}): {e}") from None
     model.eval()
     return model, cfg

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
-from model_sequential_simple import SimpleSequentialModel
+from model_sequential_simple import SimpleSequentialModel, pad_points
 
 ATTENTION_MODULES = ("memory", "foveation", "cross_attention", "reasoning")
 OUT_PROJ_INIT_STD = 0.02  # small enough to start near the simple model, non-zero so modules get gradient
@@ -123,15 +123,12 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
     """SimpleSequentialModel + the enabled attention modules, joined through `base + out_proj(fused)`."""
 
     def __init__(self, backbone: nn.Module, processor, head_hidden: int = 256,
-                 modules: tuple[str, ...] = ATTENTION_MODULES, attention_dim: int = 256):
-        super().__init__(backbone, processor, head_hidden)
+                 modules: tuple[str, ...] = ATTENTION_MODULES, attention_dim: int = 256, pointing: str = "regress"):
+        super().__init__(backbone, processor, head_hidden, pointing)
         unknown = [m for m in modules if m not in ATTENTION_MODULES]
         if unknown:
             raise ValueError(f"unknown attention modules {unknown}; choose from {ATTENTION_MODULES}")
         self.enabled = tuple(m for m in ATTENTION_MODULES if m in modules)
-        config = backbone.get_base_model().config if hasattr(backbone, "get_base_model") else backbone.config
-        self.image_token_id = config.image_token_id
-        self.merge_size = config.vision_config.spatial_merge_size
         hidden = self.x_head.norm.normalized_shape[0]
         d = attention_dim
         if not self.enabled:
@@ -153,41 +150,6 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
 
     # --- inputs the modules use ---------------------------------------------------------------
 
-    def image_tokens(self, hidden, input_ids, grid_thw):
-        """Image-token states and their (x, y) centres on the merged patch grid, padded per image.
-
-        Returns tokens (B, N, H), xy (B, N, 2) in [-1, 1], mask (B, N).
-        """
-        per_image, positions = [], []
-        for i in range(hidden.shape[0]):
-            states = hidden[i, input_ids[i] == self.image_token_id]  # (N_i, H), row-major on the merged grid
-            t, h, w = (int(v) for v in grid_thw[i])
-            rows, cols = h // self.merge_size, w // self.merge_size
-            if states.shape[0] != t * rows * cols:
-                raise ValueError(f"image {i}: {states.shape[0]} image tokens, expected {t * rows * cols}")
-            r = torch.arange(rows, device=hidden.device).repeat_interleave(cols).repeat(t)
-            c = torch.arange(cols, device=hidden.device).repeat(rows * t)
-            xy = torch.stack([(c + 0.5) / cols, (r + 0.5) / rows], -1) * 2 - 1  # (N_i, 2)
-            per_image.append(states)
-            positions.append(xy)
-        tokens = nn.utils.rnn.pad_sequence(per_image, batch_first=True)  # (B, N, H)
-        xy = nn.utils.rnn.pad_sequence(positions, batch_first=True)  # (B, N, 2)
-        lengths = torch.tensor([p.shape[0] for p in per_image], device=hidden.device)
-        mask = torch.arange(tokens.shape[1], device=hidden.device) < lengths.unsqueeze(1)  # (B, N)
-        return tokens, xy, mask
-
-    def counted_tensor(self, counted, batch: int, device):
-        """List of (k_i, 2) arrays -> points (B, K, 2), mask (B, K), lengths (B,)."""
-        counted = counted if counted is not None else [[]] * batch
-        pts = [torch.as_tensor(c, dtype=torch.float32, device=device).reshape(-1, 2) for c in counted]
-        lengths = torch.tensor([p.shape[0] for p in pts], device=device)
-        k = max(1, int(lengths.max()) if len(pts) else 1)
-        points = torch.zeros(batch, k, 2, device=device)
-        for i, p in enumerate(pts):
-            points[i, :p.shape[0]] = p
-        mask = torch.arange(k, device=device) < lengths.unsqueeze(1)
-        return points, mask, lengths
-
     def sample_at_points(self, tokens, token_xy, token_mask, points):
         """Image feature at each counted point: Gaussian-weighted mean of nearby tokens. (B, K, D)."""
         spacing = 2.0 / token_mask.sum(1).clamp(min=1).float().sqrt()  # ~ one token, in normalised units
@@ -202,15 +164,17 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
         """inputs from `build_inputs`; counted: per image a (k, 2) array of normalised points in order."""
         hidden = self.encode(inputs)  # (B, T, H)
         base = self.token_features(hidden, inputs["input_ids"])  # (B, 3, H) float32
+        image = self.image_tokens(hidden, inputs["input_ids"], inputs["image_grid_thw"])
         if not self.enabled:
-            return self.predict(base)
+            return self.predict(base, image=image)
         b, device = base.shape[0], base.device
         query = self.token_proj(base)  # (B, 3, D)
-        tokens, token_xy, token_mask = self.image_tokens(hidden, inputs["input_ids"], inputs["image_grid_thw"])
+        tokens, token_xy, token_mask, _ = image
         # Each image token also carries its grid position: the backbone's rotary positions shape attention
         # scores but never reach the values, so without this no glimpse could say *where* it looked.
         tokens = self.image_proj(tokens.float()) + self.point_encoding(token_xy)  # (B, N, D)
-        points, point_mask, lengths = self.counted_tensor(counted, b, device)
+        points, point_mask = pad_points(counted, b, device)
+        lengths = point_mask.sum(1)
         objects = self.point_encoding(points) + self.sample_at_points(tokens, token_xy, token_mask, points)  # (B, K, D)
 
         fused, pointer = query, None
@@ -226,7 +190,8 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
             fused = self.reasoning(fused)
         # With foveation, x_head and y_head give an offset from where it looked: choosing a token by
         # attention is an easier problem than regressing a coordinate from features without position.
-        return self.predict(base + self.out_proj(fused), pointer)
+        # With token pointing, the chosen image token gives x, y instead (the pointer is still returned).
+        return self.predict(base + self.out_proj(fused), pointer, image)
 
     def module_groups(self) -> dict[str, list[nn.Parameter]]:
         """Heads, token rows and LoRA (as the simple model) plus every attention module."""

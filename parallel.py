@@ -1,7 +1,10 @@
 """Several processes (`accelerate launch` / torchrun): joining the group and the few collectives training needs.
 
 Every function is a no-op (or the identity) in a single process, so the training loop calls them
-unconditionally.
+unconditionally. Every tensor a collective sends lives on `device`, the process's training device:
+NCCL (GPUs) refuses CPU tensors ("No backend type associated with device type cpu"), gloo (CPU)
+takes either, so a CPU-only test would not notice a CPU tensor; `tests/test_parallel.py` records the
+device of each tensor sent.
 """
 
 from __future__ import annotations
@@ -32,15 +35,48 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def any_rank(*flags: bool) -> list[bool]:
+def any_rank(device: torch.device, *flags: bool) -> list[bool]:
     """Each flag, true when it is true on any process (so every process takes the same branch)."""
     if rank_and_world()[1] == 1:
         return [bool(f) for f in flags]
     import torch.distributed as dist
 
-    t = torch.tensor([float(bool(f)) for f in flags])
+    t = torch.tensor([float(bool(f)) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def sum_over_processes(device: torch.device, *values: float) -> list[float]:
+    """Each number summed over processes (e.g. images each process skipped)."""
+    if rank_and_world()[1] == 1:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_processes(device: torch.device, value: float) -> float:
+    """The mean of a number over processes (the loss each process computed on its slice)."""
+    world = rank_and_world()[1]
+    return value if world == 1 else sum_over_processes(device, value)[0] / world
+
+
+def gather_to_rank0(items: list) -> list:
+    """Concatenate every process's list of picklable items on rank 0 (other ranks get []).
+
+    all_gather_object pickles through tensors on the current CUDA device under NCCL, which
+    `model_loading.resolve_device` sets for each process.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return list(items)
+    import torch.distributed as dist
+
+    gathered = [None] * world
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part] if rank == 0 else []
 
 
 def barrier() -> None:
@@ -62,7 +98,7 @@ def sync_parameters(model) -> None:
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """The mean gradient over processes, in one all_reduce (what DDP does).
+    """The mean gradient over processes, in one all_reduce (what DDP does); the gradients' own device.
 
     Not DistributedDataParallel's wrapper: a cls step leaves the x/y heads without gradient and a reg
     step the done_head (DDP would need find_unused_parameters), and the wrapper hides the model's own
@@ -81,13 +117,3 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def mean_over_processes(value: float) -> float:
-    """The mean of a number over processes (the loss each process computed on its slice)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return value
-    t = torch.tensor([value])
-    torch.distributed.all_reduce(t)
-    return float(t) / world

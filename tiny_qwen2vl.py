@@ -7,6 +7,13 @@ that; so the 4-bit QLoRA path runs on CPU too.
 
     python tiny_qwen2vl.py --out models/tiny-qwen2vl            # builds in a few seconds
     python tiny_qwen2vl.py --out models/tiny --vision_width 128 --text_width 128 --seed 0
+    python tiny_qwen2vl.py --out models/qwen2vl-2b-random --full_size   # Qwen2-VL-2B's architecture (4.4 GB)
+
+--full_size builds the architecture of Qwen2-VL-2B from its published configuration (language model:
+28 layers, hidden 1536, 12 heads / 2 KV heads, MLP 8960, vocabulary 151,936, tied embeddings, M-RoPE
+sections 16/24/24, rope theta 1e6; vision: 32 blocks, width 1280, 16 heads, MLP ratio 4, patch 14,
+merge 2, output 1536), with random weights saved in bf16, and the same small local tokenizer: for
+exercising memory and speed of the real shapes without downloading anything (`make smoke-2b`).
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class TinyConfig:
     bpe_vocab: int = arg(400, "size of the locally trained byte-level BPE vocabulary")
     min_pixels: int = arg(56 * 56, "processor default lower bound on image pixels")
     max_pixels: int = arg(224 * 224, "processor default upper bound on image pixels (small for CPU)")
+    full_size: bool = arg(False, "Qwen2-VL-2B's architecture (published sizes) instead of the tiny widths")
 
 
 def validate(cfg: TinyConfig) -> list[str]:
@@ -123,6 +131,11 @@ def build_model(cfg: TinyConfig, tokenizer):
     mrope_section = [quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = len(tokenizer)
+    if cfg.full_size:
+        torch.manual_seed(cfg.seed)
+        model = Qwen2VLForConditionalGeneration._from_config(qwen2vl_2b_config(ids), dtype=torch.bfloat16)
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        return model.eval()
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=vocab + 64 - vocab % 64,  # spare rows, as the real model has
@@ -156,6 +169,26 @@ def build_model(cfg: TinyConfig, tokenizer):
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model.eval()
+
+
+def qwen2vl_2b_config(ids: dict):
+    """Qwen2-VL-2B-Instruct's published configuration values; special-token ids from the local tokenizer."""
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        tie_word_embeddings=True,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
 
 
 def build_tiny_qwen2vl(cfg: TinyConfig) -> str:

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 from cli import UsageError, arg, parse_config, write_json_atomic
-from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, collate_samples, prepare_batch
+from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImages, collate_samples, prepare_batch
 from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
                            save_checkpoint, validate_model_config)
 from model_sequential_simple import compute_loss
-from parallel import (any_rank, average_gradients, barrier, init_distributed, mean_over_processes, rank_and_world,
-                      sync_parameters)
+from parallel import (any_rank, average_gradients, barrier, gather_to_rank0, init_distributed, mean_over_processes,
+                      rank_and_world, sum_over_processes, sync_parameters)
 from run_logging import MetricsLogger, grad_norms, loss_trend, peak_memory_mb, print_grad_check
 
 logger = logging.getLogger("train")
@@ -56,11 +56,16 @@ class TrainConfig(ModelConfig):
     data_root: str = arg("", "FSC-147 root (images_384_VarV2/, annotation_FSC147_384.json, splits, classes)")
     train_split: str = arg("train", "split to train on")
     val_split: str = arg("val", "split for validation losses")
-    max_train_images: int = arg(0, "use only the first N training images (0: all)")
+    max_train_images: int = arg(0, "use only N training images, a fixed sample spread over the classes (0: all)")
     near_done_fraction: float = arg(0.0, "fraction of not-done cls states with exactly one object left "
                                     "(k = N - 1) instead of uniform k; validation states stay uniform")
     target_strategy: str = arg("reading_order", "which object is 'next': reading_order (single target, "
                                "rows top to bottom, left to right) or nearest (loss to the nearest uncounted object)")
+    mark_jitter: float = arg(0.0, "marks (and the counted points the model is given) land up to this fraction of the "
+                             "object size (exemplar boxes) from their objects, as the counting loop's imperfect points do")
+    synthetic_train: bool = arg(False, "train on fresh synthetic images (the generator settings in DATA_ROOT/"
+                                "synth_config.json, written by `dataset_fsc147.py synth`) instead of the train split: "
+                                "no image is seen twice; validation still uses DATA_ROOT's val split")
     # optimisation
     batch_size: int = arg(2, "counting states per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
@@ -77,10 +82,12 @@ class TrainConfig(ModelConfig):
     output_dir: str = arg("runs/sequential", "run folder: config.json, metrics.jsonl, checkpoints, wandb/")
     log_every: int = arg(1, "log training metrics every N optimizer steps")
     eval_every: int = arg(100, "validation losses every N optimizer steps (0: only at the end)")
-    eval_states: int = arg(32, "fixed validation counting states per mode (cls and reg)")
+    eval_states: int = arg(32, "fixed validation counting states per mode (cls and reg), from val images spread "
+                           "over the classes")
     eval_images: int = arg(16, "val images counted with the full loop at each evaluation; best MAE -> checkpoint-best (0: off)")
     eval_overlays: int = arg(4, "overlay images (predicted marks | ground truth) logged to W&B per evaluation")
-    max_count: int = arg(500, "counting loop: stop an image after this many points")
+    max_count: int = arg(200, "counting evaluation during training: stop an image after this many points (bounds "
+                         "its time; evaluate_counting.py's own --max_count covers FSC-147's densest images)")
     done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this")
     save_every: int = arg(500, "write checkpoint-<step> every N optimizer steps (0: only at the end)")
     save_total_limit: int = arg(0, "keep only the newest N checkpoint-<step> folders (plus -last and -best; 0: all)")
@@ -109,6 +116,10 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
             errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.epochs == 0 and cfg.max_steps == 0:
         errors.append("one of --epochs or --max_steps must be > 0")
+    if cfg.synthetic_train and cfg.max_steps == 0:
+        errors.append("--synthetic_train makes new images without end: set --max_steps")
+    if not 0 <= cfg.mark_jitter <= 1:
+        errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     if not 0 <= cfg.near_done_fraction <= 1:
         errors.append(f"--near_done_fraction must be in [0, 1], got {cfg.near_done_fraction}")
     if cfg.max_minutes < 0:
@@ -135,8 +146,10 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
 
 def build_data(cfg: TrainConfig):
     """Training and validation datasets (FSC147Dataset) of the configured splits."""
-    train = FSC147Dataset(cfg.data_root, cfg.train_split, max_images=cfg.max_train_images)
     val = FSC147Dataset(cfg.data_root, cfg.val_split)
+    if cfg.synthetic_train:
+        return SyntheticTrainImages(cfg.data_root), val
+    train = FSC147Dataset(cfg.data_root, cfg.train_split, max_images=cfg.max_train_images)
     return train, val
 
 
@@ -163,11 +176,12 @@ def build_loader(cfg: TrainConfig, dataset, epoch: int, start_batch: int = 0, ra
 def fixed_val_batches(cfg: TrainConfig, dataset) -> list:
     """The same validation counting states at every evaluation: cls and reg batches."""
     rng = np.random.default_rng(cfg.seed + 12345)
-    samples = [s for s in (dataset[i] for i in range(min(cfg.eval_states, len(dataset)))) if s is not None]
+    samples = [s for s in (dataset[i] for i in dataset.subset_indices(cfg.eval_states, cfg.seed)) if s is not None]
     batches = []
     for mode in ("cls", "reg"):
         for i in range(0, len(samples), cfg.batch_size):
-            batches.append(prepare_batch(samples[i:i + cfg.batch_size], mode, rng, cfg.target_strategy))
+            batches.append(prepare_batch(samples[i:i + cfg.batch_size], mode, rng, cfg.target_strategy,
+                                         jitter=cfg.mark_jitter))
     return batches
 
 
@@ -195,24 +209,33 @@ def step_mode(step: int) -> str:
     return "cls" if step % 2 == 0 else "reg"
 
 
+def batch_loss(model, batch, device, parts: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Forward one CountingBatch and its loss (`compute_loss` for the batch's mode); also the outputs."""
+    outputs = model(model_inputs(model, batch, device), counted=batch.counted)
+    loss = compute_loss(outputs, batch.done.to(device), batch.targets.to(device), batch.target_mask.to(device),
+                        batch.mode, remaining=batch.remaining, parts=parts)
+    return loss, outputs
+
+
 def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: list, mode: str) -> dict:
-    """One optimizer step over `micro_batches` (all of one mode). Returns loss and grad norms."""
+    """One optimizer step over `micro_batches` (all of one mode). Returns loss, its terms and grad norms."""
     device = device_of(model)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    total_loss, n_states = 0.0, 0
+    total_loss, n_states, terms = 0.0, 0, {}
     for batch in micro_batches:
-        outputs = model(model_inputs(model, batch, device), counted=batch.counted)
-        loss = compute_loss(outputs, batch.done.to(device), batch.targets.to(device),
-                            batch.target_mask.to(device), mode)
+        parts = {}
+        loss, _ = batch_loss(model, batch, device, parts)
         (loss / len(micro_batches)).backward()
         total_loss += float(loss.detach()) / len(micro_batches)
+        for k, v in parts.items():
+            terms[k] = terms.get(k, 0.0) + v / len(micro_batches)
         n_states += len(batch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     world = rank_and_world()[1]
     if world > 1:
         average_gradients(params)
-        total_loss, n_states = mean_over_processes(total_loss), n_states * world
+        total_loss, n_states = mean_over_processes(device, total_loss), n_states * world
     norms = grad_norms(model)  # before clipping: what the loss actually sent to each module
     total = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
     finite = math.isfinite(total_loss) and math.isfinite(total)
@@ -221,7 +244,7 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
         scheduler.step()
     else:
         optimizer.zero_grad(set_to_none=True)  # skip the update: one bad batch must not poison the weights
-    return {"loss": total_loss, "grad_norms": norms, "grad_norm_total": total, "states": n_states,
+    return {"loss": total_loss, "terms": terms, "grad_norms": norms, "grad_norm_total": total, "states": n_states,
             "finite": finite, "ids": [i for b in micro_batches for i in b.ids]}
 
 
@@ -233,9 +256,7 @@ def evaluate(cfg: TrainConfig, model, val_batches: list) -> dict:
     sums = {"cls": [0.0, 0], "reg": [0.0, 0]}
     correct, total, abs_err = 0, 0, 0.0
     for batch in val_batches:
-        out = model(model_inputs(model, batch, device), counted=batch.counted)
-        loss = compute_loss(out, batch.done.to(device), batch.targets.to(device), batch.target_mask.to(device),
-                            batch.mode)
+        loss, out = batch_loss(model, batch, device)
         sums[batch.mode][0] += float(loss) * len(batch)
         sums[batch.mode][1] += len(batch)
         if batch.mode == "cls":
@@ -255,18 +276,32 @@ def evaluate(cfg: TrainConfig, model, val_batches: list) -> dict:
 
 
 def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
-    """The full counting loop on the first --eval_images val images: count MAE/RMSE/F1 (+ W&B overlays)."""
-    from evaluate_counting import count_dataset, overlay
+    """The full counting loop on --eval_images val images (a fixed sample spread over the classes), shared
+    by the processes (each counts its slice; rank 0 gathers): count MAE/RMSE/F1 (+ W&B overlays), and the
+    MAE of always answering the training split's mean count on the same images. Rank 0 gets the results,
+    the others {}."""
+    from evaluate_counting import count_dataset, mean_count_baseline, overlay, summarize
 
-    _, summary, samples, results = count_dataset(model, val_ds, cfg.batch_size, cfg.done_threshold, cfg.max_count,
-                                                 max_images=cfg.eval_images, progress=False)
+    rank, world = rank_and_world()
+    mine = val_ds.subset_indices(cfg.eval_images)[rank::world]
+    start = time.perf_counter()
+    records, _, samples, results = count_dataset(model, val_ds, cfg.batch_size, cfg.done_threshold, cfg.max_count,
+                                                 indices=mine, progress=False)
+    records = gather_to_rank0(records)
     model.train()
+    if rank != 0:
+        return {}
+    summary = summarize(records, time.perf_counter() - start)
+    summary.update(mean_count_baseline(cfg.data_root, records, cfg.train_split))
     if run is not None and cfg.eval_overlays:
         import wandb
 
         run.log({"val/overlays": [wandb.Image(overlay(s, r), caption=f"{s.id} {s.class_name}: pred {r.count} gt {len(s.points)}")
                                   for s, r in list(zip(samples, results))[:cfg.eval_overlays]]}, commit=False)
-    return {f"val/count_{k}": summary[k] for k in ("mae", "rmse", "nae", "f1", "n_capped", "images_per_s")}
+    result = {f"val/count_{k}": summary[k] for k in ("mae", "rmse", "nae", "f1", "n_capped", "n_images", "images_per_s")}
+    if "baseline_mean_mae" in summary:
+        result["val/count_mae_mean_baseline"] = summary["baseline_mean_mae"]
+    return result
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -417,11 +452,12 @@ def train(cfg: TrainConfig) -> dict:
             for samples in build_loader(cfg, train_ds, state.epoch, state.batch_in_epoch, rank, world):
                 state.batch_in_epoch += 1
                 state.skipped_images += cfg.batch_size - len(samples) if len(train_ds) >= cfg.batch_size * world else 0
-                if any_rank(not samples)[0]:  # a process with no readable image: every process skips the batch
+                if any_rank(device, not samples)[0]:  # a process with no readable image: every process skips the batch
                     continue
                 mode = step_mode(state.step)
                 rng = np.random.default_rng([cfg.seed, state.step, len(pending)])  # the same in every process
                 pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy, offset=rank * cfg.batch_size,
+                                             jitter=cfg.mark_jitter,
                                              global_size=cfg.batch_size * world, near_done=cfg.near_done_fraction))
                 if len(pending) < cfg.grad_accum:
                     continue
@@ -455,12 +491,11 @@ def train(cfg: TrainConfig) -> dict:
                     print_grad_check(mode, result["grad_norms"])
                 progress.update(1)
                 progress.set_postfix({f"loss_{mode}": f"{result['loss']:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
-                out_of_time, signalled = any_rank(time.monotonic() > deadline, stop["signal"])
+                out_of_time, signalled = any_rank(device, time.monotonic() > deadline, stop["signal"])
                 if signalled and not stop["signal"]:
                     stop["signal"] = "a signal to another process"
                 if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps or out_of_time:
-                    if main_process:
-                        last_eval = run_evaluation(cfg, model, optimizer, scheduler, state, val_batches, val_ds, metrics)
+                    last_eval = run_evaluation(cfg, model, optimizer, scheduler, state, val_batches, val_ds, metrics)
                     barrier()
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                     path = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
@@ -476,15 +511,15 @@ def train(cfg: TrainConfig) -> dict:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     final = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
+    skipped = int(sum_over_processes(device, state.skipped_images)[0])  # every process's, every worker's
     end_event = {"event": "interrupted", "signal": stop["signal"]} if stop["signal"] else {"event": "end"}
     if out_of_time and main_process:
         end_event["stopped_by"] = f"--max_minutes {cfg.max_minutes}"
         tqdm.write(f"--max_minutes {cfg.max_minutes} reached at step {state.step} of {total_steps}")
-    metrics.log(state.step, {**end_event, "skipped_images": state.skipped_images,
-                             "bad_steps": state.total_bad_steps, **last_eval})
+    metrics.log(state.step, {**end_event, "skipped_images": skipped, "bad_steps": state.total_bad_steps, **last_eval})
     metrics.finish()
     return {"steps": state.step, "checkpoint": final, "output_dir": cfg.output_dir, "eval": last_eval, "rank": rank,
-            "interrupted": stop["signal"], "bad_steps": state.total_bad_steps, "skipped_images": state.skipped_images}
+            "interrupted": stop["signal"], "bad_steps": state.total_bad_steps, "skipped_images": skipped}
 
 
 def log_step(cfg, metrics, state: TrainState, mode: str, result: dict, elapsed: float, scheduler, device,
@@ -493,6 +528,7 @@ def log_step(cfg, metrics, state: TrainState, mode: str, result: dict, elapsed: 
     if state.step % cfg.log_every and state.step != total_steps and result["finite"]:
         return
     record = {"epoch": state.epoch, "mode": mode, f"loss_{mode}": result["loss"],
+              **{f"loss/{k}": v for k, v in result["terms"].items()},
               **{f"grad_norm/{k}": v for k, v in result["grad_norms"].items()},
               "grad_norm/total": result["grad_norm_total"], "lr": scheduler.get_last_lr()[0],
               "samples_per_s": result["states"] / elapsed, "peak_mem_mb": peak_memory_mb(device),
@@ -503,12 +539,15 @@ def log_step(cfg, metrics, state: TrainState, mode: str, result: dict, elapsed: 
 
 
 def run_evaluation(cfg, model, optimizer, scheduler, state: TrainState, val_batches, val_ds, metrics) -> dict:
-    """Validation losses, counting on --eval_images val images, checkpoint-best on a new best MAE."""
+    """Validation losses (rank 0), counting on --eval_images val images (every process counts a slice),
+    checkpoint-best on a new best MAE. Returns the metrics on rank 0, {} elsewhere."""
     from tqdm.auto import tqdm
 
-    result = evaluate(cfg, model, val_batches)
+    counting = evaluate_counting_subset(cfg, model, val_ds, metrics.run) if cfg.eval_images else {}
+    if rank_and_world()[0] != 0:
+        return {}
+    result = {**evaluate(cfg, model, val_batches), **counting}
     if cfg.eval_images:
-        result.update(evaluate_counting_subset(cfg, model, val_ds, metrics.run))
         if result["val/count_mae"] < state.best_mae:
             state.best_mae = result["val/count_mae"]
             save_training_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-best")
@@ -548,6 +587,10 @@ def main(argv=None) -> int:
               f" ({'lower' if last < first else 'NOT lower'})")
     if summary["eval"]:
         print("  validation:  " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
+        if "val/count_mae_mean_baseline" in summary["eval"]:
+            mae, base = summary["eval"]["val/count_mae"], summary["eval"]["val/count_mae_mean_baseline"]
+            print(f"  counting:    val count MAE {mae:.3f} vs {base:.3f} for always answering the training mean count"
+                  f" ({'better' if mae < base else 'NOT better'})")
     print(f"  checkpoints: {os.path.abspath(summary['checkpoint'])} and {os.path.join(out, 'checkpoint-last')}")
     if os.path.isdir(os.path.join(out, "checkpoint-best")):
         print(f"  best:        {os.path.join(out, 'checkpoint-best')} (lowest val count MAE)")

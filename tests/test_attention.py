@@ -61,11 +61,12 @@ def test_image_token_positions_follow_the_merged_grid(attention_config, synth_ro
     ds = FSC147Dataset(synth_root, "val")
     inputs = model.build_inputs([ds[0].image, ds[1].image], [ds[0].class_name, ds[1].class_name])
     hidden = torch.randn(*inputs["input_ids"].shape, 8)
-    tokens, xy, mask = model.image_tokens(hidden, inputs["input_ids"], inputs["image_grid_thw"])
+    tokens, xy, mask, cell = model.image_tokens(hidden, inputs["input_ids"], inputs["image_grid_thw"])
     for i, (t, h, w) in enumerate(inputs["image_grid_thw"].tolist()):
         n = t * h * w // 4
         assert int(mask[i].sum()) == n
         rows, cols = h // 2, w // 2
+        assert torch.allclose(cell[i], torch.tensor([2 / cols, 2 / rows]))
         assert torch.allclose(xy[i, 0], torch.tensor([1 / cols - 1, 1 / rows - 1]))  # top-left token centre
         assert torch.allclose(xy[i, n - 1], torch.tensor([1 - 1 / cols, 1 - 1 / rows]))  # bottom-right
 
@@ -131,6 +132,24 @@ def test_starts_close_to_the_simple_model_plus_the_pointer(attention_config, tra
     assert (a["x"] + b["pointer"][:, 0] - b["x"]).abs().max() < 0.5
     assert (a["y"] + b["pointer"][:, 1] - b["y"]).abs().max() < 0.5
     assert b["pointer"].abs().max() <= 1  # a weighted mean of token centres lies in the image
+
+
+def test_foveation_looks_around_the_last_counted_point(attention_config, synth_root):
+    cfg = dataclasses.replace(attention_config, attention_modules="foveation")
+    model = build_model(cfg)
+    model.eval()
+    with torch.no_grad():  # scores from position alone: a sharp Gaussian around the centre it is given
+        for layer in (model.foveation.q, model.foveation.k):
+            layer.weight.zero_(), layer.bias.zero_()
+        model.foveation.log_sigma.fill_(float(np.log(0.05)))
+    ds = FSC147Dataset(synth_root, "val")
+    inputs = model.build_inputs([ds[0].image], [ds[0].class_name])
+    first, last = [-0.8, -0.8], [0.6, 0.5]
+    with torch.no_grad():
+        out = model(inputs, counted=[np.array([first, [0.0, 0.0], last], dtype=np.float32)])
+    # It looks at the image token nearest the last point (tokens are at most ~0.35 apart here), far from the first.
+    where = out["pointer"][0].numpy()
+    assert np.abs(where - last).max() < 0.2 and np.abs(where - first).max() > 1.0
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(attention_config, mixed_batches, tmp_path):

@@ -101,17 +101,19 @@ def test_each_broken_input_is_a_counted_skip_or_usable(corpus_root):
     assert len(collate_samples([ds[position[ids["zero_byte"]]], ds[0]])) == 1
 
 
-def test_training_over_bad_entries_finishes_and_reports_skips(corpus_root, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_training_over_bad_entries_finishes_and_reports_skips(corpus_root, tiny_model_dir, tmp_path, capsys, workers):
     from conftest import TINY_PIXELS
 
     import train_sequential_attention as train_mod
 
     root, _ = corpus_root
     out = tmp_path / "run"
-    # Exactly one pass over the 32 usable training entries (batch 4): each bad image is seen once.
+    # Exactly one pass over the 32 usable training entries (batch 4): each bad image is seen once, also
+    # when DataLoader worker processes load them.
     assert train_mod.main(["--data_root", root, "--model_name_or_path", tiny_model_dir, "--batch_size", "4",
                            "--max_steps", "8", "--eval_every", "0", "--eval_images", "2", "--max_count", "2",
-                           "--eval_states", "2", "--num_workers", "0", "--wandb_mode", "disabled",
+                           "--eval_states", "2", "--num_workers", workers, "--wandb_mode", "disabled",
                            "--output_dir", str(out), *TINY_PIXELS]) == 0
     printed = capsys.readouterr().out
     end = [json.loads(line) for line in open(out / "metrics.jsonl") if '"end"' in line][0]

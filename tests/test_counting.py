@@ -14,9 +14,10 @@ from PIL import Image
 import count_objects as count_mod
 import evaluate_counting as eval_mod
 from count_objects import count_objects
-from dataset_fsc147 import IMAGE_DIR, SPLIT_FILE, FSC147Dataset
+from dataset_fsc147 import IMAGE_DIR, SPLIT_FILE, FSC147Dataset, Sample, draw_marks, prepare_batch
 from evaluate_counting import match_points, summarize
 from model_loading import load_checkpoint
+from train_sequential_attention import TrainConfig, evaluate
 
 
 class ScriptedModel(nn.Module):
@@ -39,6 +40,7 @@ class ScriptedModel(nn.Module):
     def forward(self, inputs, counted=None):
         have = torch.tensor([len(c) for c in counted])
         self.batch_sizes.append(len(have))
+        self.counted_seen = [np.array(c) for c in counted]
         n = len(have)
         return {"x": torch.full((n,), self.point[0]), "y": torch.full((n,), self.point[1]),
                 "done_logit": torch.where(have >= inputs["want"], 10.0, -10.0)}
@@ -63,6 +65,55 @@ def test_loop_stops_at_the_cap_and_flags_duplicates_and_outside_points():
     assert result.capped and result.count == 4 and result.steps == 4
     assert result.n_outside == 4  # x = 1.5 is right of the image
     assert result.n_duplicate == 3  # the same point four times: three land on an earlier one
+
+
+def test_points_off_the_image_are_marked_and_fed_back_at_its_edge():
+    image = Image.new("RGB", (300, 80))  # wants 3
+    model = ScriptedModel(point=(1.5, -1.2))
+    result = count_objects(model, [image], ["dots"], max_count=10)[0]
+    assert result.count == 3 and result.n_outside == 3
+    # Recorded clipped to the image (x = W - 1, y = 0), and the model was given exactly those points.
+    np.testing.assert_allclose(result.points, [[299, 0]] * 3)
+    np.testing.assert_allclose(model.counted_seen[0], [[2 * 299 / 300 - 1, -1.0]] * 3, atol=1e-6)
+
+
+class MarkReadingModel(ScriptedModel):
+    """Counts the marks it sees in the image (red mark pixels / one mark's red pixels) and says done once
+    it sees `image.width // 100` of them; points somewhere new each time. Blind to `counted`."""
+
+    def __init__(self):
+        super().__init__()
+        one = np.asarray(draw_marks(Image.new("RGB", (300, 80)), [[150, 40]]))
+        self.per_mark = int((one == (220, 30, 30)).all(-1).sum())
+
+    def build_inputs(self, images, class_names):
+        marks = [int((np.asarray(im) == (220, 30, 30)).all(-1).sum()) // self.per_mark for im in images]
+        return {"want": torch.tensor([im.width // 100 for im in images]), "marks": torch.tensor(marks)}
+
+    def forward(self, inputs, counted=None):
+        seen = inputs["marks"]
+        return {"x": -0.8 + 0.3 * seen.float(), "y": torch.zeros(len(seen)),
+                "done_logit": torch.where(seen >= inputs["want"], 10.0, -10.0)}
+
+
+def test_the_loop_feeds_the_marked_image():
+    images = [Image.new("RGB", (100 * k, 80), (60, 90, 60)) for k in (1, 3, 5)]
+    results = count_objects(MarkReadingModel(), images, ["dots"] * 3, batch_size=2, max_count=8)
+    assert [r.count for r in results] == [1, 3, 5] and not any(r.capped for r in results)
+
+
+def test_validation_done_accuracy_by_hand(tmp_path):
+    # Images 100 * N wide with N objects: ScriptedModel says done exactly when k >= N, so it is always right.
+    samples = [Sample(f"{n}.jpg", Image.new("RGB", (100 * n, 80)), np.array([[50 + 100 * i, 40] for i in range(n)],
+                                                                              dtype=np.float32),
+                      np.array([[0, 0, 20, 20]], dtype=np.float32), "dots") for n in (1, 2, 3, 4)]
+    rng = np.random.default_rng(0)
+    batches = [prepare_batch(samples, "cls", rng) for _ in range(3)] + [prepare_batch(samples, "reg", rng)]
+    result = evaluate(TrainConfig(), ScriptedModel(point=(0.0, 0.0)), batches)
+    assert result["val/done_acc"] == 1.0
+    # (0, 0) is the image centre: |error| to the next object, averaged over x and y, by hand per state.
+    expected = np.mean([np.abs(t[0].numpy()).mean() for t in batches[-1].targets])
+    assert result["val/xy_abs_err"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_batched_counts_equal_one_at_a_time(trained_run, synth_root):
@@ -167,6 +218,20 @@ def test_count_objects_cli_on_grayscale_and_rgba(trained_run, tmp_path, mode, ca
     assert "sea shells:" in capsys.readouterr().out
 
 
+def test_count_objects_cli_sizes_marks_from_exemplar_boxes(trained_run, tmp_path, monkeypatch):
+    path = str(tmp_path / "img.png")
+    Image.new("RGB", (400, 300)).save(path)
+    radii = []
+    real = count_mod.count_objects
+    monkeypatch.setattr(count_mod, "count_objects", lambda *a, **k: radii.append(k["mark_radii"]) or real(*a, **k))
+    ckpt = os.path.join(trained_run, "checkpoint-last")
+    args = ["--checkpoint", ckpt, "--image", path, "--class_name", "x", "--out_dir", str(tmp_path), "--max_count", "1"]
+    assert count_mod.main(args + ["--exemplar_boxes", "10,10,50,50; 100,100,140,140"]) == 0
+    assert count_mod.main(args + ["--mark_radius", "6"]) == 0
+    assert count_mod.main(args) == 0
+    assert radii == [[14], [6], [8]]  # 0.35 x 40 px boxes; as given; 300 / 40 without boxes
+
+
 def test_count_objects_cli_errors(trained_run, tmp_path, capsys):
     bad = str(tmp_path / "bad.jpg")
     open(bad, "wb").write(b"not an image")
@@ -180,3 +245,6 @@ def test_count_objects_cli_errors(trained_run, tmp_path, capsys):
     Image.new("RGB", (64, 64)).save(good)
     assert count_mod.main(["--checkpoint", str(tmp_path), "--image", good, "--class_name", "x"]) == 2
     assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        count_mod.main(["--checkpoint", ckpt, "--image", good, "--class_name", "x", "--exemplar_boxes", "1,2,3"])
+    assert "--exemplar_boxes" in capsys.readouterr().err

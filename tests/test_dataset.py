@@ -11,7 +11,7 @@ from PIL import Image
 
 from dataset_fsc147 import (ANNOTATION_FILE, CLASS_FILE, IMAGE_DIR, SPLIT_FILE, FSC147Dataset, SynthConfig,
                             UsageError, collate_samples, denormalize_points, load_rgb, normalize_points,
-                            read_class_file, write_synthetic_fsc147)
+                            read_class_file, spread_over_classes, write_synthetic_fsc147)
 from dataset_fsc147 import main as dataset_main
 
 
@@ -142,6 +142,45 @@ def test_real_fsc147_split_and_class_files_parse():
     assert "sea shells" in classes.values()
     per_split = {s: {classes[i] for i in splits[s]} for s in ("train", "val", "test")}
     assert (len(per_split["train"]), len(per_split["val"]), len(per_split["test"])) == (89, 29, 29)
+
+
+def test_spread_over_classes_by_hand():
+    names = ["a"] * 5 + ["b"] * 3 + ["c"] * 2
+    picked = spread_over_classes(names, 4, seed=0)
+    assert len(picked) == 4 and picked == sorted(picked)
+    assert {names[i] for i in picked} == {"a", "b", "c"}  # every class before any class twice
+    assert spread_over_classes(names, 4, seed=0) == picked  # fixed for the same seed
+    assert spread_over_classes(names, 0) == spread_over_classes(names, 99) == list(range(10))
+
+
+@pytest.mark.skipif(not os.path.isdir(REFERENCE_FSC147), reason="reference FSC-147 metadata not beside the checkout")
+def test_subsets_of_the_real_splits_cover_the_classes():
+    classes = read_class_file(os.path.join(REFERENCE_FSC147, CLASS_FILE))
+    splits = json.load(open(os.path.join(REFERENCE_FSC147, SPLIT_FILE)))
+    val = [classes[i] for i in splits["val"]]
+    assert len(set(val[:16])) == 3  # the first 16 val images: 3 of the 29 classes
+    assert len({val[i] for i in spread_over_classes(val, 16, seed=42)}) == 16
+    assert len({val[i] for i in spread_over_classes(val, 32, seed=42)}) == 29
+    test = [classes[i] for i in splits["test"]]
+    assert len({test[i] for i in spread_over_classes(test, 32, seed=0)}) == 29
+    train = [classes[i] for i in splits["train"]]
+    assert len(set(train[:500])) == 32  # --max_train_images 500 used to train on 32 of the 89 classes
+    assert len({train[i] for i in spread_over_classes(train, 500, seed=42)}) == 89
+
+
+def test_max_images_is_a_fixed_sample_over_the_classes(tmp_path):
+    root = str(tmp_path / "s")
+    write_synthetic_fsc147(SynthConfig(out=root, num_images=40, num_classes=12, seed=2))  # train: 24 images, 6 classes
+    classes = read_class_file(os.path.join(root, CLASS_FILE))
+    splits = json.load(open(os.path.join(root, SPLIT_FILE)))
+    splits["train"].sort(key=lambda i: classes[i])  # in runs of one class, as FSC-147 lists its splits
+    json.dump(splits, open(os.path.join(root, SPLIT_FILE), "w"))
+    full = FSC147Dataset(root, "train")
+    first = [e["class_name"] for e in full.entries[:6]]
+    small = FSC147Dataset(root, "train", max_images=6, subset_seed=42)
+    again = FSC147Dataset(root, "train", max_images=6, subset_seed=42)
+    assert [e["id"] for e in small.entries] == [e["id"] for e in again.entries]
+    assert len({e["class_name"] for e in small.entries}) == 6 > len(set(first))
 
 
 def test_normalisation_round_trip_and_corners():

@@ -16,6 +16,7 @@ from conftest import ROOT, TINY_PIXELS
 import train_sequential_attention as train_mod
 from dataset_fsc147 import FSC147Dataset, prepare_batch
 from model_loading import HEADS_FILE
+from test_bad_data import corpus_root  # noqa: F401,F811 (a fixture)
 
 
 def test_ranks_load_disjoint_slices_of_each_global_batch(train_config):
@@ -77,15 +78,34 @@ def distance(a, b) -> float:
     return sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a) ** 0.5
 
 
-def test_accelerate_launch_two_cpu_processes_equals_one_process_with_the_global_batch(tmp_path, synth_root,
-                                                                                       tiny_model_dir):
+def launch_two_processes(train_args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), os.path.join(ROOT, "train_sequential_attention.py"),
-           *args(synth_root, tiny_model_dir, tmp_path / "ddp", 2)]
+           "--main_process_port", str(free_port()), os.path.join(ROOT, "train_sequential_attention.py"), *train_args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_share_the_counting_evaluation_and_sum_their_skips(tmp_path, corpus_root, tiny_model_dir):
+    root, _ = corpus_root
+    out = tmp_path / "bad"
+    # One epoch of the 32 usable training entries (global batch 8, workers decoding): the 6 unusable images are
+    # met once each, by one process or the other; the counting evaluation's 3 images are split 2 + 1.
+    proc = launch_two_processes(["--data_root", root, "--model_name_or_path", tiny_model_dir, "--batch_size", "4",
+                                 "--max_steps", "4", "--eval_every", "0", "--eval_images", "3", "--max_count", "2",
+                                 "--eval_states", "2", "--num_workers", "2", "--device", "cpu", "--wandb_mode",
+                                 "disabled", "--output_dir", str(out), *TINY_PIXELS])
+    assert "Done: 4 steps (6 images skipped" in proc.stdout
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    end = [r for r in records if r.get("event") == "end"][0]
+    assert end["skipped_images"] == 6 and end["val/count_n_images"] == 3
+
+
+def test_accelerate_launch_two_cpu_processes_equals_one_process_with_the_global_batch(tmp_path, synth_root,
+                                                                                       tiny_model_dir):
+    proc = launch_two_processes(args(synth_root, tiny_model_dir, tmp_path / "ddp", 2))
     assert "2 processes, global batch 4" in proc.stdout
     assert proc.stdout.count("Done: 4 steps") == 1  # rank 0 reports, rank 1 stays quiet
 

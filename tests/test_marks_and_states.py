@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from dataset_fsc147 import FSC147Dataset, Sample, draw_marks, mark_radius, normalize_points, prepare_batch, reading_order
+from dataset_fsc147 import (FSC147Dataset, Sample, draw_marks, mark_radius, normalize_points, object_size, prepare_batch,
+                            reading_order)
 
 
 def make_sample(points, size=(200, 120), boxes=None, image_id="s.jpg"):
@@ -37,6 +37,71 @@ def test_marks_are_deterministic_numbered_and_local():
     # Different numbers give different pixels (the label is drawn, not just a dot).
     c = np.asarray(draw_marks(image, pts, labels=[7, 8]))
     assert (a != c).any()
+
+
+def test_mark_size_follows_the_exemplar_boxes():
+    # 0.35 of the mean exemplar size ((w + h) / 2), whatever the image size.
+    small = np.array([[0, 0, 8, 8], [10, 10, 18, 18]], dtype=np.float32)
+    large = np.array([[0, 0, 100, 80], [0, 0, 120, 100]], dtype=np.float32)
+    assert object_size(large, 576, 384) == pytest.approx(100.0)
+    assert mark_radius(576, 384, small) == 3  # round(0.35 * 8 = 2.8)
+    assert mark_radius(576, 384, large) == 35
+    assert mark_radius(576, 384, np.zeros((0, 4), np.float32)) == mark_radius(576, 384) == 10
+
+
+def test_marks_on_a_dense_grid_leave_uncounted_neighbours_visible():
+    # 1,000 objects 9 px apart (8 px exemplars) on a 384 x 288 image, the first half counted in reading
+    # order: no mark reaches the centre pixel of an uncounted object. (Marks of 1/40 of the image,
+    # 7 px, would cover neighbours 9 px away.)
+    xs, ys = np.meshgrid(np.arange(40) * 9 + 5.0, np.arange(25) * 9 + 5.0)
+    points = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+    boxes = np.array([[0, 0, 8, 8]] * 3, dtype=np.float32)
+    sample = Sample("grid.jpg", Image.new("RGB", (384, 288), (90, 120, 150)), points, boxes, "beads")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        batch = prepare_batch([sample], "reg", rng)
+        if len(batch.counted[0]) > 300:
+            break
+    marked = np.asarray(batch.images[0])
+    uncounted = np.round((batch.remaining[0] + 1) / 2 * np.array([384, 288])).astype(int)
+    uncounted = np.clip(uncounted, 0, [383, 287])
+    assert (marked[uncounted[:, 1], uncounted[:, 0]] == (90, 120, 150)).all()
+    assert batch.mark_radii == [3]
+
+
+def test_only_the_counted_objects_are_marked():
+    pts = [[20, 20], [100, 20], [180, 20], [60, 90], [140, 90]]
+    sample = make_sample(pts, size=(200, 120))
+    background = np.asarray(sample.image)[0, 0]
+    rng = np.random.default_rng(4)
+    seen = set()
+    for _ in range(20):
+        batch = prepare_batch([sample], "reg", rng)
+        k = len(batch.counted[0])
+        seen.add(k)
+        pixels = np.asarray(batch.images[0])
+        changed = [bool((pixels[y, x] != background).any()) for x, y in pts]
+        # Reading order by hand: (20,20), (100,20), (180,20), (60,90), (140,90): the first k are marked.
+        assert changed == [True] * k + [False] * (5 - k), (k, changed)
+    assert len(seen) > 2
+
+
+def test_jittered_marks_land_near_their_objects():
+    pts = [[30, 30], [100, 30], [170, 30], [60, 90], [140, 90]]
+    boxes = [[0, 0, 20, 20]]  # object size 20 px: jitter 0.3 moves a mark up to 6 px
+    sample = make_sample(pts, size=(200, 120), boxes=boxes)
+    rng = np.random.default_rng(5)
+    moved = []
+    for _ in range(30):
+        batch = prepare_batch([sample], "reg", rng, jitter=0.3)
+        counted = (batch.counted[0] + 1) / 2 * np.array([200, 120])  # back to pixels
+        true = sample.points[[0, 1, 2, 3, 4][:len(counted)]]
+        dist = np.hypot(*(counted - true).T)
+        assert (dist <= 6 + 1e-3).all()
+        moved.extend(dist.tolist())
+        for x, y in np.round(counted).astype(int):  # the marks are drawn where the counted points are
+            assert (np.asarray(batch.images[0])[y, x] != np.asarray(sample.image)[y, x]).any()
+    assert max(moved) > 2  # they do move
 
 
 def test_mark_size_scales_with_the_image():
@@ -85,10 +150,24 @@ def test_near_done_states_leave_exactly_one_object():
     assert len({len(c) for c in reg.counted}) > 1
 
 
+def test_reading_order_does_not_zig_zag_across_a_band_boundary():
+    # Six touching 20 px objects in one physical row, y alternating 41 / 39: fixed 20 px bands put
+    # them in two rows (x read as 30, 70, 110, 10, 50, 90); grouped by gaps they are one row.
+    boxes = np.array([[0, 0, 20, 20]], dtype=np.float32)
+    xs = [10, 30, 50, 70, 90, 110]
+    row = np.array([[x, 41 if i % 2 == 0 else 39] for i, x in enumerate(xs)], dtype=np.float32)
+    assert row[reading_order(row, boxes)][:, 0].tolist() == xs
+    shifted = row + np.array([0, 5], dtype=np.float32)  # the same row 5 px lower: the same order
+    assert shifted[reading_order(shifted, boxes)][:, 0].tolist() == xs
+    # Two rows 30 px apart stay two rows, each left to right.
+    two = np.array([[90, 70], [10, 40], [50, 71], [30, 39]], dtype=np.float32)
+    assert reading_order(two, boxes).tolist() == [1, 3, 2, 0]
+
+
 def test_regression_targets_follow_reading_order():
     pts = [[150, 20], [20, 22], [80, 90], [30, 100]]
     sample = make_sample(pts)
-    order = reading_order(sample.points, sample.boxes)
+    order = [1, 0, 3, 2]  # by hand: row y 20..22 left to right (20, 150), then row y 90..100 (30, 80)
     rng = np.random.default_rng(1)
     seen_k = set()
     for _ in range(30):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dataset_fsc147 import FSC147Dataset, prepare_batch
-from model_sequential_simple import SPECIAL_TOKENS, compute_loss
+from model_sequential_simple import (SPECIAL_TOKENS, clamp_coordinates, compute_loss, object_map_loss, token_index,
+                                     token_pointing_loss)
 from model_loading import build_model, model_inputs
 from run_logging import grad_norms
 from train_sequential_attention import build_optimizer
@@ -139,8 +140,76 @@ def test_regression_loss_is_mse_to_the_nearest_target():
     loss = compute_loss(out, torch.zeros(2), targets, mask, "reg")
     # Image 0: nearest is (0.2, 0): (0.04 + 0) / 2; image 1: only (0.5, 0.1): (0 + 0.16) / 2.
     assert loss.item() == pytest.approx((0.02 + 0.08) / 2)
-    bce = compute_loss(out, torch.tensor([1.0, 0.0]), targets, mask, "cls")
-    assert bce.item() == pytest.approx(np.log(2), rel=1e-5)
+
+
+def test_done_loss_is_bce_against_done_by_hand():
+    out = {"x": torch.zeros(2), "y": torch.zeros(2), "done_logit": torch.tensor([2.0, -1.0])}
+    targets, mask = torch.zeros(2, 1, 2), torch.ones(2, 1, dtype=torch.bool)
+    # Right on both: -log sigmoid(2) = log(1 + e^-2), -log(1 - sigmoid(-1)) = log(1 + e^-1).
+    loss = compute_loss(out, torch.tensor([1.0, 0.0]), targets, mask, "cls")
+    assert loss.item() == pytest.approx((np.log1p(np.exp(-2)) + np.log1p(np.exp(-1))) / 2, rel=1e-6)
+    wrong = compute_loss(out, torch.tensor([0.0, 1.0]), targets, mask, "cls")
+    assert wrong.item() == pytest.approx((np.log1p(np.exp(2)) + np.log1p(np.exp(1))) / 2, rel=1e-6)
+
+
+def test_clamp_keeps_the_gradient_outside_the_range():
+    raw = torch.tensor([2.5, -3.0, 0.5], requires_grad=True)
+    clamped = clamp_coordinates(raw)
+    assert clamped.tolist() == [2.0, -2.0, 0.5]
+    (clamped ** 2).sum().backward()  # target 0: d/draw (clamped^2) = 2 * clamped, also beyond +-2
+    assert raw.grad.tolist() == [4.0, -4.0, 1.0]
+
+
+# A 2 x 2 grid of tokens: centres at +-0.5, each cell 1 wide in normalised units.
+GRID = {"token_xy": torch.tensor([[[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]]),
+        "token_mask": torch.ones(1, 4, dtype=torch.bool), "cell": torch.tensor([[1.0, 1.0]])}
+
+
+def test_token_index_is_the_cell_holding_the_point():
+    points = torch.tensor([[[0.6, -0.4], [-0.9, 0.9], [0.1, 0.1]]])
+    assert token_index(points, GRID["token_xy"], GRID["token_mask"]).tolist() == [[1, 2, 3]]
+
+
+def test_token_pointing_loss_by_hand():
+    outputs = {**GRID, "next_logits": torch.tensor([[0.0, 1.0, 2.0, 3.0]]), "offsets": torch.zeros(1, 4, 2)}
+    lse = float(np.log(np.exp([0.0, 1.0, 2.0, 3.0]).sum()))
+    # One target at (0.6, -0.4): token 1; offset from its centre (0.5, -0.5) in half-cells: (0.2, 0.2).
+    ce, off = token_pointing_loss(outputs, torch.tensor([[[0.6, -0.4]]]), torch.tensor([[True]]))
+    assert ce.item() == pytest.approx(lse - 1.0, rel=1e-6) and off.item() == pytest.approx(0.04, rel=1e-5)
+    # Two valid targets (tokens 1 and 3): cross-entropy on the set, -log(p1 + p3).
+    ce, _ = token_pointing_loss(outputs, torch.tensor([[[0.6, -0.4], [0.5, 0.5]]]), torch.tensor([[True, True]]))
+    assert ce.item() == pytest.approx(lse - float(np.log(np.exp(1.0) + np.exp(3.0))), rel=1e-6)
+    # A padded (masked) target does not count, even where it falls.
+    ce, _ = token_pointing_loss(outputs, torch.tensor([[[0.6, -0.4], [0.5, 0.5]]]), torch.tensor([[True, False]]))
+    assert ce.item() == pytest.approx(lse - 1.0, rel=1e-6)
+
+
+def test_object_map_loss_by_hand():
+    outputs = {**GRID, "object_logits": torch.tensor([[2.0, -2.0, 0.0, 0.0]])}
+    loss = object_map_loss(outputs, [np.array([[-0.4, -0.6]])])  # one uncounted object, in token 0
+    expected = (np.log1p(np.exp(-2.0)) * 2 + np.log(2.0) * 2) / 4  # token 0: target 1, logit 2; others 0
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_token_pointing_points_at_the_best_token_plus_its_offset(train_config):
+    model = build_model(dataclasses.replace(train_config, pointing="token"))
+    hidden = model.x_head.norm.normalized_shape[0]
+    feats = torch.zeros(1, 3, hidden)
+    tokens = torch.zeros(1, 4, hidden)
+    with torch.no_grad():
+        model.token_pointer.next_score.bias.zero_()
+        model.token_pointer.next_score.weight.zero_()
+        model.token_pointer.object_score.weight.zero_()
+        model.token_pointer.object_score.bias.fill_(1.5)
+        model.x_head.fc2.weight.zero_(), model.x_head.fc2.bias.fill_(0.5)  # offset x: half a half-cell
+        model.y_head.fc2.weight.zero_(), model.y_head.fc2.bias.fill_(-1.0)
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    model.token_pointer.forward = lambda t, q: (logits, torch.full((1, 4), 1.5))
+    out = model.point_at_token(feats, torch.zeros(1), tokens, GRID["token_xy"], GRID["token_mask"], GRID["cell"])
+    # Token 2 (centre (-0.5, 0.5)) + offset (0.5, -1.0) half-cells of 0.5: (-0.25, 0.0).
+    assert out["x"].item() == pytest.approx(-0.25) and out["y"].item() == pytest.approx(0.0)
+    # done_logit = 0 + w * max object logit + b = -1 * 1.5 + 0 at initialisation: evidence argues against done.
+    assert out["done_logit"].item() == pytest.approx(-1.5)
 
 
 def test_predictions_are_clamped_not_squashed(tiny_model):
@@ -150,3 +219,14 @@ def test_predictions_are_clamped_not_squashed(tiny_model):
         out = tiny_model.predict(feats)
         tiny_model.x_head.fc2.bias -= 100.0
     assert torch.allclose(out["x"], torch.full((2,), 2.0))
+
+
+def test_patch_embedding_as_matmul_is_the_same_convolution():
+    from model_loading import PatchConvAsMatmul
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 8, kernel_size=(2, 14, 14), stride=(2, 14, 14), bias=True)
+    x = torch.randn(5, 3, 2, 14, 14)
+    expected = conv(x)
+    conv.__class__ = PatchConvAsMatmul
+    assert torch.allclose(conv(x), expected, atol=1e-5) and conv(x).shape == (5, 8, 1, 1, 1)
