@@ -156,7 +156,8 @@ def load_backbone(cfg: ModelConfig, device: torch.device):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
             # The modules left in `dtype`: the vision tower (unless --quantize_vision) and the LM head.
-            llm_int8_skip_modules=["lm_head"] if cfg.quantize_vision else ["visual", "lm_head"])
+            # transformers 5 matches these from the start of a module's name ("model.visual.blocks.0...").
+            llm_int8_skip_modules=["lm_head"] + ([] if cfg.quantize_vision else ["model.visual", "visual"]))
         kwargs["dtype"] = dtype
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     else:

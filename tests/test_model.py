@@ -230,3 +230,15 @@ def test_patch_embedding_as_matmul_is_the_same_convolution():
     expected = conv(x)
     conv.__class__ = PatchConvAsMatmul
     assert torch.allclose(conv(x), expected, atol=1e-5) and conv(x).shape == (5, 8, 1, 1, 1)
+
+
+def test_vision_tower_stays_out_of_4bit_unless_asked(train_config):
+    import bitsandbytes as bnb
+
+    def linear4bit(model, part):
+        return sum(isinstance(m, bnb.nn.Linear4bit) for n, m in model.backbone.named_modules() if part in n)
+
+    default = build_model(train_config)
+    assert linear4bit(default, "visual") == 0 and linear4bit(default, "language_model") > 0
+    quantized = build_model(dataclasses.replace(train_config, quantize_vision=True))
+    assert linear4bit(quantized, "visual") > 0
