@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl + W&B, gradient norms and the seed's gradient check, loss trends."""
+"""What a run reports: metrics.jsonl + W&B, gradient norms and the seed's gradient check, loss trends, the
+end-of-run summary."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ class MetricsLogger:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def log_overlays(run, images: list, captions: list[str]) -> None:
+    """Counting overlays (predicted marks | ground truth) to W&B with the next logged step; none without a run."""
+    if run is None or not images:
+        return
+    import wandb
+
+    run.log({"val/overlays": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, commit=False)
 
 
 def init_wandb(cfg, run_id: str = ""):
@@ -104,3 +114,31 @@ def loss_trend(metrics_path: str) -> dict[str, tuple[float, float]]:
             fifth = len(values) // 5
             trend[mode] = (float(np.mean(values[:fifth])), float(np.mean(values[-fifth:])))
     return trend
+
+
+def print_run_summary(summary: dict) -> None:
+    """What a finished (or interrupted) run prints: steps, skips, loss trends, validation, where things are."""
+    out = os.path.abspath(summary["output_dir"])
+    checkpoint = os.path.abspath(summary["checkpoint"])
+    if summary["interrupted"]:
+        print(f"\nInterrupted by {summary['interrupted']} at step {summary['steps']}; saved {checkpoint}.")
+        print(f"Continue with the same flags plus --resume latest (or --resume {checkpoint}).")
+        return
+    print(f"\nDone: {summary['steps']} steps"
+          f" ({summary['skipped_images']} images skipped, {summary['bad_steps']} steps skipped for non-finite values).")
+    print(f"  run folder:  {out}")
+    print(f"  metrics:     {os.path.join(out, 'metrics.jsonl')}")
+    for mode, (first, last) in loss_trend(os.path.join(out, "metrics.jsonl")).items():
+        print(f"  loss_{mode}:    first fifth of steps {first:.4f} -> last fifth {last:.4f}"
+              f" ({'lower' if last < first else 'NOT lower'})")
+    if summary["eval"]:
+        print("  validation:  " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
+        if "val/count_mae_mean_baseline" in summary["eval"]:
+            mae, base = summary["eval"]["val/count_mae"], summary["eval"]["val/count_mae_mean_baseline"]
+            print(f"  counting:    val count MAE {mae:.3f} vs {base:.3f} for always answering the training mean count"
+                  f" ({'better' if mae < base else 'NOT better'})")
+    print(f"  checkpoints: {checkpoint} and {os.path.join(out, 'checkpoint-last')}")
+    if os.path.isdir(os.path.join(out, "checkpoint-best")):
+        print(f"  best:        {os.path.join(out, 'checkpoint-best')} (lowest val count MAE)")
+    if os.path.isdir(os.path.join(out, "wandb")):
+        print(f"  W&B run:     {os.path.join(out, 'wandb')} (offline runs: `wandb sync {os.path.join(out, 'wandb')}/offline-run-*`)")

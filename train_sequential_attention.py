@@ -43,7 +43,7 @@ from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load
 from model_sequential_simple import compute_loss
 from parallel import (any_rank, average_gradients, barrier, gather_to_rank0, init_distributed, mean_over_processes,
                       rank_and_world, sum_over_processes, sync_parameters)
-from run_logging import MetricsLogger, grad_norms, loss_trend, peak_memory_mb, print_grad_check
+from run_logging import MetricsLogger, grad_norms, log_overlays, peak_memory_mb, print_grad_check, print_run_summary
 
 logger = logging.getLogger("train")
 
@@ -293,11 +293,8 @@ def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
         return {}
     summary = summarize(records, time.perf_counter() - start)
     summary.update(mean_count_baseline(cfg.data_root, records, cfg.train_split))
-    if run is not None and cfg.eval_overlays:
-        import wandb
-
-        run.log({"val/overlays": [wandb.Image(overlay(s, r), caption=f"{s.id} {s.class_name}: pred {r.count} gt {len(s.points)}")
-                                  for s, r in list(zip(samples, results))[:cfg.eval_overlays]]}, commit=False)
+    log_overlays(run, [overlay(s, r) for s, r in list(zip(samples, results))[:cfg.eval_overlays]],
+                 [f"{s.id} {s.class_name}: pred {r.count} gt {len(s.points)}" for s, r in zip(samples, results)])
     result = {f"val/count_{k}": summary[k] for k in ("mae", "rmse", "nae", "f1", "n_capped", "n_images", "images_per_s")}
     if "baseline_mean_mae" in summary:
         result["val/count_mae_mean_baseline"] = summary["baseline_mean_mae"]
@@ -571,33 +568,9 @@ def main(argv=None) -> int:
     finally:
         if rank_and_world()[1] > 1:
             torch.distributed.destroy_process_group()
-    if summary["rank"] != 0:
-        return 0  # rank 0 reports
-    out = os.path.abspath(summary["output_dir"])
-    if summary["interrupted"]:
-        print(f"\nInterrupted by {summary['interrupted']} at step {summary['steps']}; saved {os.path.abspath(summary['checkpoint'])}.")
-        print(f"Continue with the same flags plus --resume latest (or --resume {os.path.abspath(summary['checkpoint'])}).")
-        return 0
-    print(f"\nDone: {summary['steps']} steps"
-          f" ({summary['skipped_images']} images skipped, {summary['bad_steps']} steps skipped for non-finite values).")
-    print(f"  run folder:  {out}")
-    print(f"  metrics:     {os.path.join(out, 'metrics.jsonl')}")
-    for mode, (first, last) in loss_trend(os.path.join(out, "metrics.jsonl")).items():
-        print(f"  loss_{mode}:    first fifth of steps {first:.4f} -> last fifth {last:.4f}"
-              f" ({'lower' if last < first else 'NOT lower'})")
-    if summary["eval"]:
-        print("  validation:  " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
-        if "val/count_mae_mean_baseline" in summary["eval"]:
-            mae, base = summary["eval"]["val/count_mae"], summary["eval"]["val/count_mae_mean_baseline"]
-            print(f"  counting:    val count MAE {mae:.3f} vs {base:.3f} for always answering the training mean count"
-                  f" ({'better' if mae < base else 'NOT better'})")
-    print(f"  checkpoints: {os.path.abspath(summary['checkpoint'])} and {os.path.join(out, 'checkpoint-last')}")
-    if os.path.isdir(os.path.join(out, "checkpoint-best")):
-        print(f"  best:        {os.path.join(out, 'checkpoint-best')} (lowest val count MAE)")
-    if os.path.isdir(os.path.join(out, "wandb")):
-        print(f"  W&B run:     {os.path.join(out, 'wandb')} (offline runs: `wandb sync {os.path.join(out, 'wandb')}/offline-run-*`)")
+    if summary["rank"] == 0:  # rank 0 reports
+        print_run_summary(summary)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

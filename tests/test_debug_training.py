@@ -2,11 +2,14 @@
 
 import dataclasses
 
+import pytest
+
 import debug_training
 
 
-def test_debug_tiny_passes(capsys):
-    assert debug_training.main(["--tiny"]) == 0
+@pytest.mark.parametrize("extra", [[], ["--pointing", "token"]], ids=["regress", "token"])
+def test_debug_tiny_passes(capsys, extra):
+    assert debug_training.main(["--tiny", *extra]) == 0
     out = capsys.readouterr().out
     for check in ("normalisation round trip", "gradient x_head", "gradient done_head", "gradient lora",
                   "gradient token_embeddings", "loss direction", "done signal varies", "predictions not stuck"):
@@ -33,8 +36,6 @@ def test_debug_fails_when_a_module_is_disconnected(train_config, monkeypatch, ca
 
 
 def test_debug_needs_data_root_without_tiny(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         debug_training.main([])
     assert "--tiny" in capsys.readouterr().err
