@@ -150,6 +150,7 @@ class SimpleSequentialModel(nn.Module):
             with torch.no_grad():
                 self.done_evidence.weight.fill_(-1.0)
                 self.done_evidence.bias.zero_()
+
     # --- inputs ---------------------------------------------------------------------------------
 
     def build_prompt(self, class_name: str) -> str:

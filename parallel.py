@@ -1,4 +1,5 @@
-"""Several processes (`accelerate launch` / torchrun): joining the group and the few collectives training needs.
+"""Several processes (`accelerate launch` / torchrun): joining the group, the few collectives training needs,
+and the stop signals each process catches.
 
 Every function is a no-op (or the identity) in a single process, so the training loop calls them
 unconditionally. Every tensor a collective sends lives on `device`, the process's training device:
@@ -117,3 +118,24 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def install_stop_handlers() -> tuple[dict, dict]:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and returns.
+
+    Each process sees its own signal; the loop shares it with `any_rank` so all processes stop at the same step.
+    """
+    import signal
+
+    flag = {"signal": None}
+    previous = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: no handlers, Ctrl-C behaves as usual
+            pass
+    return flag, previous

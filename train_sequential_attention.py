@@ -41,8 +41,8 @@ from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImage
 from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
                            save_checkpoint, validate_model_config)
 from model_sequential_simple import compute_loss
-from parallel import (any_rank, average_gradients, barrier, gather_to_rank0, init_distributed, mean_over_processes,
-                      rank_and_world, sum_over_processes, sync_parameters)
+from parallel import (any_rank, average_gradients, barrier, gather_to_rank0, init_distributed, install_stop_handlers,
+                      mean_over_processes, rank_and_world, sum_over_processes, sync_parameters)
 from run_logging import MetricsLogger, grad_norms, log_overlays, peak_memory_mb, print_grad_check, print_run_summary
 
 logger = logging.getLogger("train")
@@ -374,24 +374,6 @@ def restore_training(cfg: TrainConfig, path: str, model, optimizer, scheduler) -
 
 class TrainingStopped(Exception):
     """Training cannot go on (too many bad steps); a checkpoint has been saved."""
-
-
-def install_stop_handlers() -> tuple[dict, dict]:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and returns."""
-    import signal
-
-    flag = {"signal": None}
-    previous = {}
-
-    def handler(signum, frame):
-        flag["signal"] = signal.Signals(signum).name
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: no handlers, Ctrl-C behaves as usual
-            pass
-    return flag, previous
 
 
 def train(cfg: TrainConfig) -> dict:

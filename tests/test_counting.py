@@ -248,3 +248,12 @@ def test_count_objects_cli_errors(trained_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         count_mod.main(["--checkpoint", ckpt, "--image", good, "--class_name", "x", "--exemplar_boxes", "1,2,3"])
     assert "--exemplar_boxes" in capsys.readouterr().err
+
+
+def test_default_caps_cover_the_densest_fsc147_image():
+    # FSC-147's densest image holds 3,731 objects (../shared/reference/README.md); a default cap below that
+    # would cut it off and it would dominate the RMSE.
+    import inspect
+
+    assert eval_mod.EvalConfig().max_count > 3731
+    assert inspect.signature(count_objects).parameters["max_count"].default > 3731
