@@ -14,6 +14,7 @@ Metrics (as in the FSC-147 literature; ground truth = number of annotated points
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -103,13 +104,22 @@ def summarize(records: list[dict], elapsed_s: float) -> dict:
     }
 
 
-def mean_count_baseline(data_root: str, records: list[dict], train_split: str = "train") -> dict:
-    """MAE / RMSE of always predicting the training split's mean count (the trivial baseline)."""
+@functools.lru_cache(maxsize=8)
+def train_mean_count(data_root: str, train_split: str = "train") -> float | None:
+    """The training split's mean count, or None without a usable split. Read once per (root, split):
+    training asks at every evaluation, and the split does not change during a run."""
     try:
         train = FSC147Dataset(data_root, train_split)
     except UsageError:
+        return None
+    return float(np.mean([len(e["points"]) for e in train.entries]))
+
+
+def mean_count_baseline(data_root: str, records: list[dict], train_split: str = "train") -> dict:
+    """MAE / RMSE of always predicting the training split's mean count (the trivial baseline)."""
+    mean = train_mean_count(data_root, train_split)
+    if mean is None:
         return {}
-    mean = float(np.mean([len(e["points"]) for e in train.entries]))
     gt = np.array([r["gt_count"] for r in records], dtype=np.float64)
     return {"train_mean_count": mean, "baseline_mean_mae": float(np.abs(gt - mean).mean()),
             "baseline_mean_rmse": float(math.sqrt(((gt - mean) ** 2).mean()))}

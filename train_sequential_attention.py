@@ -554,5 +554,6 @@ def main(argv=None) -> int:
         print_run_summary(summary)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
