@@ -20,7 +20,8 @@ import torch
 
 from count_objects import count_objects
 from cli import UsageError, arg, parse_config
-from dataset_fsc147 import FSC147Dataset, SynthConfig, write_synthetic_fsc147
+from dataset_fsc147 import FSC147Dataset, write_synthetic_fsc147
+from synthetic_fsc147 import SynthConfig
 from model_loading import ModelConfig, build_model, load_checkpoint
 
 

@@ -14,7 +14,13 @@ Variants (--variants, comma-separated): a model type with optional suffixes, or 
   ...-token            token pointing: choose the image token holding the next object (cross-entropy),
                        sub-token offset, dense "unmarked object here" map, done sees that evidence
   ...-nearest          nearest-uncounted targets (any uncounted object is right) instead of reading order
-  e.g. simple, simple-token, attention, attention-token, attention-token-nearest
+  ...-before           the prompt naming the class before the image (--prompt_position before)
+  ...-film             the class query scales each image token's features (--class_binding film)
+  e.g. simple, simple-token, attention, attention-token, attention-token-nearest, simple-token-before-film
+
+Each trained variant counts the test images under every --protocol: text (marks sized from the model's
+own object-size estimate, no exemplar boxes) and/or exemplar (sized from the exemplar boxes); one row
+each. With --distractors, rows also report says_total (counted every object, of every class).
 
 The backbone is trained as --finetune says: lora4bit (4-bit NF4 + LoRA, the real recipe; by default
 LoRA also reaches the random vision encoder, which has nothing pretrained to keep), lora (the same
@@ -38,11 +44,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from cli import UsageError, arg, parse_config, write_json_atomic
-from dataset_fsc147 import FSC147Dataset, SynthConfig, write_synthetic_fsc147
+from count_objects import PROTOCOLS
+from dataset_fsc147 import FSC147Dataset, write_synthetic_fsc147
+from synthetic_fsc147 import SynthConfig, validate_synth
 from train_sequential_attention import TrainConfig
 
 VARIANT_MODELS = ("simple", "attention")
-VARIANT_SUFFIXES = ("token", "nearest")
+VARIANT_SUFFIXES = ("token", "nearest", "before", "film")
 TEXT_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 VISION_LORA = "qkv,proj,fc1,fc2"  # Qwen2-VL vision blocks (attention qkv/proj, MLP fc1/fc2)
 
@@ -61,12 +69,19 @@ class BenchConfig:
     min_objects: int = arg(1, "fewest objects per image")
     max_objects: int = arg(10, "most objects per image")
     image_size: int = arg(112, "synthetic image height; widths are drawn in [size, 1.25 * size]")
-    num_classes: int = arg(6, "object classes (shape + colour)")
+    num_classes: int = arg(6, "object classes (shape + colour); with --class_split compositional the grid is "
+                           "--num_colours x --num_colours")
+    num_colours: int = arg(6, "with --class_split compositional: colours and shapes of the grid")
     background: str = arg("textured", "textured (gradient, noise, stripes or speckle) or plain (one colour) backgrounds")
     fresh_images: bool = arg(False, "train on freshly generated images (same generator; never the same image twice) "
                              "instead of the fixed training split")
-    shared_classes: bool = arg(True, "test images show classes seen in training, in unseen layouts "
-                               "(--no-shared_classes: disjoint classes per split, as FSC-147)")
+    class_split: str = arg("shared", "shared (test images show classes seen in training, in unseen layouts), "
+                           "disjoint (disjoint classes per split, as FSC-147) or compositional (test classes are "
+                           "colour + shape pairs never seen in training; every colour and shape is)")
+    distractors: int = arg(0, "each image also holds objects of 1 to K other classes (1 to 6 each), unannotated")
+    min_gap: float = arg(4.0, "pixels between neighbouring objects' edges (0: touching)")
+    protocol: str = arg("text", "comma-separated counting protocols, one result row each: text (marks sized from "
+                        "the model's own estimate) and/or exemplar (from the exemplar boxes)")
     # tiny model
     vision_width: int = arg(128, "tiny vision encoder width (multiple of 64)")
     vision_depth: int = arg(2, "tiny vision encoder blocks")
@@ -110,6 +125,9 @@ def validate(cfg: BenchConfig) -> list[str]:
         errors.append(f"--finetune must be lora4bit, lora or full, got {cfg.finetune!r}")
     if cfg.background not in ("textured", "plain"):
         errors.append(f"--background must be textured or plain, got {cfg.background!r}")
+    if not parse_variants(cfg.protocol) or any(p not in PROTOCOLS for p in parse_variants(cfg.protocol)):
+        errors.append(f"--protocol must list some of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+    errors += validate_synth(synth_config(cfg))
     if not 0 <= cfg.mark_jitter <= 1:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     if cfg.steps < 1:
@@ -156,12 +174,18 @@ def processor_side(cfg: BenchConfig) -> int:
     return 28 * math.ceil(cfg.image_size / 28)
 
 
+def synth_config(cfg: BenchConfig) -> SynthConfig:
+    """The generator settings of the benchmark's data (its written splits and its fresh training images)."""
+    return SynthConfig(out=os.path.join(cfg.output_dir, "data"), num_images=cfg.num_images, seed=cfg.seed,
+                       min_objects=cfg.min_objects, max_objects=cfg.max_objects, image_height=cfg.image_size,
+                       min_width=cfg.image_size, max_width=round(1.25 * cfg.image_size), num_classes=cfg.num_classes,
+                       class_split=cfg.class_split, num_shapes=cfg.num_colours, num_colours=cfg.num_colours,
+                       background=cfg.background, distractors=cfg.distractors, min_gap=cfg.min_gap)
+
+
 def build_bench_data(cfg: BenchConfig) -> str:
     """Synthetic FSC-147 under OUTPUT_DIR/data (reused when it was written with the same settings)."""
-    synth = SynthConfig(out=os.path.join(cfg.output_dir, "data"), num_images=cfg.num_images, seed=cfg.seed,
-                        min_objects=cfg.min_objects, max_objects=cfg.max_objects, image_height=cfg.image_size,
-                        min_width=cfg.image_size, max_width=round(1.25 * cfg.image_size),
-                        num_classes=cfg.num_classes, shared_classes=cfg.shared_classes, background=cfg.background)
+    synth = synth_config(cfg)
     return _reuse_or_build(synth.out, asdict(synth), lambda: write_synthetic_fsc147(synth))
 
 
@@ -196,6 +220,8 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str)
         data_root=data_root, model_name_or_path=model_dir, output_dir=os.path.join(cfg.output_dir, variant),
         model_type=model_type, pointing="token" if "token" in suffixes else "regress",
         target_strategy="nearest" if "nearest" in suffixes else "reading_order",
+        prompt_position="before" if "before" in suffixes else "after",
+        class_binding="film" if "film" in suffixes else "add",
         finetune="full" if cfg.finetune == "full" else "lora", synthetic_train=cfg.fresh_images,
         mark_jitter=cfg.mark_jitter,
         load_in_4bit=cfg.finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
@@ -205,6 +231,7 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str)
         near_done_fraction=cfg.near_done_fraction,
         seed=cfg.seed, log_every=1, eval_every=cfg.eval_every, eval_states=32, eval_images=cfg.eval_images,
         eval_overlays=0, max_count=cfg.max_count, done_threshold=cfg.done_threshold, save_every=0,
+        protocol=parse_variants(cfg.protocol)[0],
         grad_check_every=0, num_workers=cfg.num_workers, device="cpu", wandb_mode="disabled",
     )
 
@@ -216,56 +243,76 @@ def exact_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean(pred == gt))
 
 
-def run_mean_baseline(cfg: BenchConfig, data_root: str, test: FSC147Dataset) -> dict:
+def run_mean_baseline(cfg: BenchConfig, data_root: str, test: FSC147Dataset) -> list[dict]:
     """Always the training mean, on the same test images: MAE/RMSE of the mean, exact accuracy of it rounded."""
     train = FSC147Dataset(data_root, "train")
     mean = float(np.mean([len(e["points"]) for e in train.entries]))
     entries = [test.entries[i] for i in test.subset_indices(cfg.test_images)]  # the images count_dataset counts
     gt = np.array([len(e["points"]) for e in entries], dtype=np.float64)
-    return {"variant": "mean", "status": "ok", "train_mean_count": mean, "mae": float(np.abs(gt - mean).mean()),
-            "rmse": float(math.sqrt(((gt - mean) ** 2).mean())), "bias": float(np.mean(mean - gt)), "exact_acc": exact_accuracy(np.full_like(gt, np.round(mean)), gt),
-            "n_images": len(gt)}
+    row = {"variant": "mean", "status": "ok", "protocol": "-", "train_mean_count": mean,
+           "mae": float(np.abs(gt - mean).mean()), "rmse": float(math.sqrt(((gt - mean) ** 2).mean())),
+           "bias": float(np.mean(mean - gt)), "exact_acc": exact_accuracy(np.full_like(gt, np.round(mean)), gt),
+           "within_1": float(np.mean(np.abs(gt - np.round(mean)) <= 1)), "n_images": len(gt)}
+    totals = [len(e["all_points"]) for e in entries if "all_points" in e]
+    if totals:
+        row["says_total"] = float(np.mean(np.round(mean) == np.array(totals)))
+    return [row]
 
 
-def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, test: FSC147Dataset) -> dict:
-    """Train one variant, then count the test split with its checkpoint-best (lowest val count MAE)."""
+def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: str, data_root: str,
+               test: FSC147Dataset) -> list[dict]:
+    """Count the test images with a trained checkpoint under each --protocol (the done threshold chosen on
+    val under the same protocol): one result row per protocol."""
     from evaluate_counting import count_dataset
     from model_loading import load_checkpoint
-    from train_sequential_attention import evaluate, fixed_val_batches, train
+    from train_sequential_attention import evaluate, fixed_val_batches
+
+    model, _ = load_checkpoint(checkpoint, device="cpu")
+    states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), test))
+    val = FSC147Dataset(data_root, "val")
+    rows = []
+    for protocol in parse_variants(cfg.protocol):
+        count = lambda ds, t, bar: count_dataset(model, ds, batch_size=8, done_threshold=t, max_count=cfg.max_count,
+                                                 max_images=cfg.test_images, progress=bar, protocol=protocol)
+        threshold, val_maes = cfg.done_threshold, {}
+        if cfg.tune_threshold:  # calibrated on val, never on test
+            val_maes = {t: count(val, t, False)[1]["mae"] for t in parse_thresholds(cfg.tune_threshold)}
+            threshold = min(val_maes, key=val_maes.get)
+        records, counting, _, _ = count(test, threshold, True)
+        write_json_atomic(os.path.join(tcfg.output_dir, f"test_results_{protocol}.json"),
+                          {"summary": counting, "images": records})
+        pred = np.array([r["pred_count"] for r in records])
+        gt = np.array([r["gt_count"] for r in records])
+        rows.append({
+            "variant": variant, "status": "ok", "protocol": protocol, "model_type": tcfg.model_type,
+            "target_strategy": tcfg.target_strategy, "pointing": tcfg.pointing,
+            "prompt_position": tcfg.prompt_position, "class_binding": tcfg.class_binding, "checkpoint": checkpoint,
+            "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
+            "within_1": float(np.mean(np.abs(pred - gt) <= 1)),
+            **{k: counting[k] for k in ("mae", "rmse", "nae", "precision", "recall", "f1", "n_capped", "n_images",
+                                        "says_total", "object_size_rel_err") if k in counting},
+            "done_acc": states["val/done_acc"], "xy_abs_err": states["val/xy_abs_err"], "done_threshold": threshold,
+            "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
+        })
+    return rows
+
+
+def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, test: FSC147Dataset) -> list[dict]:
+    """Train one variant, then count the test split with its checkpoint-best (lowest val count MAE)."""
+    from train_sequential_attention import train
 
     tcfg = train_config(cfg, variant, data_root, model_dir)
     start = time.perf_counter()
     try:
         summary = train(tcfg)
     except (UsageError, RuntimeError, ValueError) as e:  # a failed variant is a result too
-        return {"variant": variant, "status": f"failed: {type(e).__name__}: {e}"}
+        return [{"variant": variant, "status": f"failed: {type(e).__name__}: {e}"}]
     train_s = time.perf_counter() - start
     checkpoint = os.path.join(tcfg.output_dir, "checkpoint-best")
     if not os.path.isdir(checkpoint):
         checkpoint = os.path.join(tcfg.output_dir, "checkpoint-last")
-    model, _ = load_checkpoint(checkpoint, device="cpu")
-    threshold, val_maes = cfg.done_threshold, {}
-    if cfg.tune_threshold:  # calibrated on val, never on test
-        val = FSC147Dataset(data_root, "val")
-        for t in parse_thresholds(cfg.tune_threshold):
-            val_maes[t] = count_dataset(model, val, batch_size=8, done_threshold=t, max_count=cfg.max_count,
-                                        max_images=cfg.test_images, progress=False)[1]["mae"]
-        threshold = min(val_maes, key=val_maes.get)
-    records, counting, _, _ = count_dataset(model, test, batch_size=8, done_threshold=threshold,
-                                            max_count=cfg.max_count, max_images=cfg.test_images, progress=True)
-    write_json_atomic(os.path.join(tcfg.output_dir, "test_results.json"), {"summary": counting, "images": records})
-    states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), test))
-    pred = np.array([r["pred_count"] for r in records])
-    gt = np.array([r["gt_count"] for r in records])
-    return {
-        "variant": variant, "status": "ok", "model_type": tcfg.model_type, "target_strategy": tcfg.target_strategy,
-        "pointing": tcfg.pointing,
-        "steps": summary["steps"], "train_minutes": train_s / 60, "checkpoint": checkpoint,
-        "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
-        **{k: counting[k] for k in ("mae", "rmse", "nae", "precision", "recall", "f1", "n_capped", "n_images")},
-        "done_acc": states["val/done_acc"], "xy_abs_err": states["val/xy_abs_err"], "done_threshold": threshold,
-        "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
-    }
+    return [{**row, "steps": summary["steps"], "train_minutes": train_s / 60}
+            for row in count_rows(cfg, variant, tcfg, checkpoint, data_root, test)]
 
 
 # ----------------------------------------------------------------------------- report
@@ -297,8 +344,8 @@ def plot_curves(cfg: BenchConfig, results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for res in results:
-        curves = read_curves(os.path.join(cfg.output_dir, res["variant"]))
+    for variant in dict.fromkeys(r["variant"] for r in results):  # one line per variant, whatever its protocols
+        curves = read_curves(os.path.join(cfg.output_dir, variant))
         for ax, key in zip(axes, ("cls", "reg", "val_mae")):
             if not curves[key]:
                 continue
@@ -307,7 +354,7 @@ def plot_curves(cfg: BenchConfig, results: list[dict], path: str) -> None:
                 window = max(1, len(values) // 25)
                 values = np.convolve(values, np.ones(window) / window, mode="valid")
                 steps = steps[window - 1:]
-            ax.plot(steps, values, label=res["variant"], marker="o" if key == "val_mae" else None)
+            ax.plot(steps, values, label=variant, marker="o" if key == "val_mae" else None)
     mean = next((r for r in results if r["variant"] == "mean"), None)
     if mean:
         axes[2].axhline(mean["mae"], color="grey", linestyle="--", label="mean baseline (test)")
@@ -322,9 +369,11 @@ def plot_curves(cfg: BenchConfig, results: list[dict], path: str) -> None:
 
 
 def markdown_table(results: list[dict]) -> str:
-    cols = [("variant", "variant", "{}"), ("steps", "steps", "{}"), ("train_minutes", "train min", "{:.1f}"),
+    cols = [("variant", "variant", "{}"), ("protocol", "protocol", "{}"), ("steps", "steps", "{}"),
+            ("train_minutes", "train min", "{:.1f}"),
             ("exact_acc", "exact acc", "{:.3f}"), ("mae", "MAE", "{:.3f}"), ("rmse", "RMSE", "{:.3f}"),
-            ("bias", "mean pred - gt", "{:+.2f}"),
+            ("within_1", "within 1", "{:.3f}"), ("bias", "mean pred - gt", "{:+.2f}"),
+            ("says_total", "says total", "{:.3f}"), ("object_size_rel_err", "size err", "{:.3f}"),
             ("f1", "loc F1", "{:.3f}"), ("done_acc", "done acc", "{:.3f}"), ("done_threshold", "threshold", "{}"), ("n_capped", "capped", "{}"),
             ("status", "status", "{}")]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
@@ -345,9 +394,9 @@ def main(argv=None) -> int:
         results = []
         for variant in parse_variants(cfg.variants):
             print(f"\n=== {variant} ===")
-            res = run_mean_baseline(cfg, data_root, test) if variant == "mean" else run_variant(cfg, variant, data_root, model_dir, test)
-            results.append(res)
-            print(json.dumps(res, indent=1))
+            rows = run_mean_baseline(cfg, data_root, test) if variant == "mean" else run_variant(cfg, variant, data_root, model_dir, test)
+            results += rows
+            print(json.dumps(rows, indent=1))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from cli import UsageError, arg, parse_config
-from dataset_fsc147 import FSC147Dataset, SynthConfig, prepare_batch, write_synthetic_fsc147
+from dataset_fsc147 import FSC147Dataset, prepare_batch, write_synthetic_fsc147
+from synthetic_fsc147 import SynthConfig
 from model_loading import build_model, device_of, model_inputs
 from train_sequential_attention import TrainConfig, build_loader, build_optimizer, train_step
 

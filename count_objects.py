@@ -2,14 +2,18 @@
 
     python count_objects.py --checkpoint runs/demo/checkpoint-last --image photo.jpg --class_name "oranges"
     python count_objects.py --checkpoint RUN/checkpoint-best --image shells.jpg --class_name "sea shells" \
-        --out_dir counted/ --done_threshold 0.5 --max_count 4000 --exemplar_boxes "10,12,40,38;200,50,228,80"
+        --protocol exemplar --exemplar_boxes "10,12,40,38;200,50,228,80" --out_dir counted/ --max_count 4000
 
 The counting loop: start with no marks; at each step draw the marks for the points found so far, run
 the model, stop if sigmoid(done) > --done_threshold, else add the predicted (x, y) and go on; stop at
---max_count. Marks are sized as in training: from exemplar boxes around a few objects
-(--exemplar_boxes, as FSC-147 gives three per image) or a radius in pixels (--mark_radius); without
-either, 1/40 of the shorter image side. Prints the count and writes OUT_DIR/<image>_counted.png
-(numbered marks) and OUT_DIR/<image>_points.json (points in pixels of the original image).
+--max_count. Marks are sized as in training, 0.35 of the typical object size, which comes from:
+  --protocol text      (default) the model's own estimate of the named objects' size, read at the first
+                       step (no marks yet): nothing but the image and the class name is given, as in the
+                       text-prompt counting literature.
+  --protocol exemplar  boxes around a few of the objects (--exemplar_boxes, as FSC-147 gives three per
+                       image), or a radius in pixels (--mark_radius).
+Prints the count and writes OUT_DIR/<image>_counted.png (numbered marks) and OUT_DIR/<image>_points.json
+(points in pixels of the original image).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import numpy as np
 import torch
 
 from cli import UsageError, arg, parse_config
-from dataset_fsc147 import clip_points, denormalize_points, draw_marks, load_rgb, mark_radius, normalize_points
+from dataset_fsc147 import (clip_points, denormalize_points, draw_marks, load_rgb, mark_radius, normalize_points,
+                            radius_for_size)
 from model_loading import device_of, load_checkpoint
 
 
 MAX_COUNT = 4000  # default cap on points per image: above FSC-147's densest image (3,731 objects)
+PROTOCOLS = ("text", "exemplar")  # where the mark size comes from: the model's own estimate, or exemplar boxes
 
 
 @dataclass
@@ -40,6 +46,8 @@ class CountResult:
     n_outside: int  # predicted points outside the image (recorded, marked and fed back at the image's edge)
     n_duplicate: int  # predicted points on top of an earlier one (within a mark radius; still recorded)
     done_probs: list[float] = field(default_factory=list)  # sigmoid(done) at each step
+    mark_radius: int = 0  # the radius its marks were drawn with, in pixels
+    object_size: float | None = None  # text-only protocol: the model's estimate of the objects' size, in pixels
 
     @property
     def count(self) -> int:
@@ -53,10 +61,11 @@ class _State:
     index: int
     image: object
     class_name: str
-    radius: int  # mark radius in pixels
+    radius: int | None  # mark radius in pixels; None until the model's first estimate (text-only protocol)
     points: list = field(default_factory=list)  # (x, y) pixels per counted point, clipped to the image
     n_outside: int = 0
     done_probs: list = field(default_factory=list)
+    object_size: float | None = None
 
     def add(self, x: float, y: float) -> None:
         """Record a predicted point (normalised) where it will be marked: clipped to the image, as in training."""
@@ -76,26 +85,44 @@ def _finish(state: _State, capped: bool) -> CountResult:
     for i in range(1, len(points)):
         if (np.hypot(*(points[:i] - points[i]).T) < state.radius).any():
             duplicate += 1
-    return CountResult(points, len(state.done_probs), capped, state.n_outside, duplicate, list(state.done_probs))
+    return CountResult(points, len(state.done_probs), capped, state.n_outside, duplicate, list(state.done_probs),
+                       state.radius, state.object_size)
+
+
+def estimated_object_size(outputs: dict, row: int, width: int, height: int) -> float:
+    """The model's estimate of the named objects' size in pixels of a (width x height) image: its log size
+    in token widths (`log_size`) times a token's side in pixels (`cell`, in normalised units)."""
+    if "log_size" not in outputs:
+        raise ValueError("the model gives no object-size estimate, which the text-only protocol needs: count "
+                         "with protocol 'exemplar' (exemplar boxes or a mark radius)")
+    cell = outputs["cell"][row].float().cpu()
+    token_px = float((cell[0] / 2 * width + cell[1] / 2 * height) / 2)
+    return float(torch.exp(outputs["log_size"][row].float().cpu())) * token_px
 
 
 @torch.no_grad()
 def count_objects(model, images, class_names, batch_size: int = 8, done_threshold: float = 0.5,
-                  max_count: int = MAX_COUNT, progress=None, mark_radii=None) -> list[CountResult]:
+                  max_count: int = MAX_COUNT, progress=None, mark_radii=None, protocol: str = "text") -> list[CountResult]:
     """Count every image, several at once: each batch slot holds one image at its own step.
 
     When an image finishes, the next waiting image takes its slot, so batches stay full. Every image
     gets the same inputs as when counted alone, so counts do not depend on batch_size.
-    mark_radii: per image the mark radius in pixels (`dataset_fsc147.mark_radius` of its exemplar
-    boxes); None for the rule without boxes. The model sees the same points that are marked: clipped
-    to the image, like the marks drawn in training.
+    protocol "text": marks are sized from the model's own estimate of the objects' size at the image's
+    first step (before any mark is drawn); `mark_radii` must be None. protocol "exemplar": mark_radii
+    gives per image the radius in pixels (`dataset_fsc147.mark_radius` of its exemplar boxes), None for
+    the rule without boxes. The model sees the same points that are marked: clipped to the image, like
+    the marks drawn in training.
     """
     if len(images) != len(class_names):
         raise ValueError("images and class_names must have the same length")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "text" and mark_radii is not None:
+        raise ValueError("the text-only protocol sizes marks from the model's own estimate: pass no mark_radii")
     mark_radii = mark_radii if mark_radii is not None else [None] * len(images)
     model.eval()
     device = device_of(model)
-    waiting = [_State(i, im, c, r or mark_radius(*im.size)) for i, (im, c, r)
+    waiting = [_State(i, im, c, None if protocol == "text" else r or mark_radius(*im.size)) for i, (im, c, r)
                in enumerate(zip(images, class_names, mark_radii))][::-1]
     active: list[_State] = []
     results: list[CountResult | None] = [None] * len(images)
@@ -109,7 +136,10 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
         probs = torch.sigmoid(out["done_logit"].float()).cpu().tolist()
         xs, ys = out["x"].float().cpu().tolist(), out["y"].float().cpu().tolist()
         still = []
-        for state, p, x, y in zip(active, probs, xs, ys):
+        for row, (state, p, x, y) in enumerate(zip(active, probs, xs, ys)):
+            if state.radius is None:  # text-only protocol, first step: no marks drawn yet
+                state.object_size = estimated_object_size(out, row, *state.image.size)
+                state.radius = radius_for_size(state.object_size)
             state.done_probs.append(p)
             if p > done_threshold:
                 results[state.index] = _finish(state, capped=False)
@@ -131,7 +161,8 @@ def points_json(result: CountResult, image_path: str, class_name: str) -> dict:
     return {"image": image_path, "class_name": class_name, "count": result.count,
             "points": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points],
             "steps": result.steps, "capped": result.capped, "n_outside": result.n_outside,
-            "n_duplicate": result.n_duplicate}
+            "n_duplicate": result.n_duplicate, "mark_radius": result.mark_radius,
+            "object_size": None if result.object_size is None else round(result.object_size, 2)}
 
 
 def parse_boxes(text: str) -> np.ndarray:
@@ -156,10 +187,12 @@ def main(argv=None) -> int:
         image: str = arg("", "image file to count in (any mode: grayscale, RGBA, palette are converted)")
         class_name: str = arg("", "what to count, e.g. 'sea shells'")
         out_dir: str = arg("counted", "folder for <image>_counted.png and <image>_points.json")
-        exemplar_boxes: str = arg("", "boxes around a few of the objects, 'x1,y1,x2,y2;x1,y1,x2,y2;...' in pixels: "
-                                  "marks are sized from them, as in training")
-        mark_radius: int = arg(0, "mark radius in pixels instead of --exemplar_boxes (0: from the boxes, or 1/40 "
-                               "of the shorter image side without them)")
+        protocol: str = arg("text", "text (marks sized from the model's own estimate of the objects' size: only "
+                            "the image and the class name are given) or exemplar (sized from --exemplar_boxes "
+                            "or --mark_radius)")
+        exemplar_boxes: str = arg("", "with --protocol exemplar: boxes around a few of the objects, "
+                                  "'x1,y1,x2,y2;x1,y1,x2,y2;...' in pixels; marks are sized from them, as in training")
+        mark_radius: int = arg(0, "with --protocol exemplar: mark radius in pixels instead of --exemplar_boxes")
         done_threshold: float = arg(0.5, "stop when sigmoid(done) exceeds this")
         max_count: int = arg(MAX_COUNT, "stop after this many points")
         device: str = arg("auto", "auto, cpu or cuda")
@@ -172,6 +205,13 @@ def main(argv=None) -> int:
             errors.append("--max_count must be >= 1")
         if cfg.mark_radius < 0:
             errors.append("--mark_radius must be >= 0")
+        if cfg.protocol not in PROTOCOLS:
+            errors.append(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+        elif cfg.protocol == "text" and (cfg.exemplar_boxes or cfg.mark_radius):
+            errors.append("--exemplar_boxes and --mark_radius give sizes the text-only protocol does not use: "
+                          "add --protocol exemplar")
+        elif cfg.protocol == "exemplar" and not (cfg.exemplar_boxes or cfg.mark_radius):
+            errors.append("--protocol exemplar needs --exemplar_boxes or --mark_radius")
         try:
             parse_boxes(cfg.exemplar_boxes)
         except ValueError as e:
@@ -190,14 +230,16 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    radius = cfg.mark_radius or mark_radius(*image.size, parse_boxes(cfg.exemplar_boxes))
+    radii = None
+    if cfg.protocol == "exemplar":
+        radii = [cfg.mark_radius or mark_radius(*image.size, parse_boxes(cfg.exemplar_boxes))]
     result = count_objects(model, [image], [cfg.class_name], batch_size=1, done_threshold=cfg.done_threshold,
-                           max_count=cfg.max_count, mark_radii=[radius])[0]
+                           max_count=cfg.max_count, mark_radii=radii, protocol=cfg.protocol)[0]
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(cfg.image))[0]
     png = os.path.join(cfg.out_dir, f"{stem}_counted.png")
     js = os.path.join(cfg.out_dir, f"{stem}_points.json")
-    draw_marks(image, result.points, radius=radius).save(png)
+    draw_marks(image, result.points, radius=result.mark_radius).save(png)
     with open(js, "w", encoding="utf-8") as f:
         json.dump(points_json(result, cfg.image, cfg.class_name), f, indent=2)
     flags = (" (stopped at --max_count)" if result.capped else "") + (

@@ -1,4 +1,4 @@
-"""FSC-147 loading, numbered marks, counting states (`prepare_batch`) and a synthetic FSC-147 generator.
+"""FSC-147 loading, numbered marks, counting states (`prepare_batch`), and synthetic scenes written in its layout.
 
     python dataset_fsc147.py synth --out data/synth --num_images 200 --seed 0     # FSC-147 layout
     python dataset_fsc147.py synth --out data/synth --num_images 60 --max_objects 6 --image_height 384
@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from cli import UsageError, config_from_dict, parse_config
+from synthetic_fsc147 import SynthConfig, distractor_pools, synth_scene, synth_split_classes, validate_synth
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class Sample:
     points: np.ndarray  # (N, 2) float32 pixels, clipped to the image
     boxes: np.ndarray  # (M, 4) float32 exemplar boxes x1, y1, x2, y2 in pixels
     class_name: str
+    all_points: np.ndarray | None = None  # (A, 2) every object of every class, when the annotation has them
 
 
 def _read_json(path: str) -> dict:
@@ -243,7 +245,8 @@ class FSC147Dataset(torch.utils.data.Dataset):
         if len(points) == 0:
             return self._fail(entry["id"], "no finite points")
         return Sample(entry["id"], image, clip_points(points, width, height),
-                      _parse_boxes(entry.get("box_examples_coordinates")), entry["class_name"])
+                      _parse_boxes(entry.get("box_examples_coordinates")), entry["class_name"],
+                      _parse_all_points(entry.get("all_points"), width, height))
 
     def _fail(self, image_id: str, reason: str) -> None:
         """Log and remember why an image could not be used; callers count the None they get."""
@@ -263,6 +266,17 @@ def _parse_boxes(raw) -> np.ndarray:
         if len(c) >= 2 and np.isfinite(c).all():
             boxes.append([c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()])
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+def _parse_all_points(raw, width: int, height: int) -> np.ndarray | None:
+    """The optional `all_points` field (every object, named or not; synthetic data writes it) -> (A, 2)."""
+    if raw is None:
+        return None
+    try:
+        points = np.asarray(raw, dtype=np.float32).reshape(-1, 2)
+    except (ValueError, TypeError):
+        return None
+    return clip_points(points[np.isfinite(points).all(axis=1)], width, height)
 
 
 def collate_samples(batch: list[Sample | None]) -> list[Sample]:
@@ -297,13 +311,19 @@ def object_size(boxes: np.ndarray | None, width: int, height: int) -> float:
 def mark_radius(width: int, height: int, boxes: np.ndarray | None = None) -> int:
     """Mark radius in pixels, the one rule for training, counting and evaluation.
 
-    With exemplar boxes: 0.35 of the typical object size, so a mark covers the middle of its object
-    and leaves its neighbours visible, whether objects are 5 or 200 pixels wide (FSC-147 has both).
-    Without boxes: 1/40 of the shorter image side.
+    With exemplar boxes: 0.35 of the typical object size (`radius_for_size`), so a mark covers the middle
+    of its object and leaves its neighbours visible, whether objects are 5 or 200 pixels wide (FSC-147
+    has both). Without boxes: 1/40 of the shorter image side.
     """
     if boxes is not None and len(boxes):
-        return max(MIN_MARK_RADIUS, round(MARK_TO_OBJECT * object_size(boxes, width, height)))
+        return radius_for_size(object_size(boxes, width, height))
     return max(4, round(min(width, height) / 40))
+
+
+def radius_for_size(size: float) -> int:
+    """Mark radius for objects of typical size `size` pixels (from exemplar boxes, or the model's own
+    estimate under the text-only protocol)."""
+    return max(MIN_MARK_RADIUS, round(MARK_TO_OBJECT * size))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -386,6 +406,7 @@ class CountingBatch:
     target_mask: torch.Tensor  # (B, M) True where targets holds a candidate
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) per image
     mark_radii: list[int] = field(default_factory=list)  # mark radius in pixels per image
+    object_sizes: list[float] = field(default_factory=list)  # typical object size in pixels (`object_size`)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -441,7 +462,7 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
     seeds = rng.integers(2**63, size=total)
     done_flags, seeds = done_flags[offset:offset + n], seeds[offset:offset + n]
 
-    images, counted, candidates, remaining, radii = [], [], [], [], []
+    images, counted, candidates, remaining, radii, object_sizes = [], [], [], [], [], []
     for sample, done, seed in zip(samples, done_flags, seeds):
         width, height = sample.image.size
         num = len(sample.points)
@@ -463,6 +484,7 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
             counted_px = jitter_points(counted_px, jitter * object_size(sample.boxes, width, height), sample_rng,
                                        width, height)
         radii.append(mark_radius(width, height, sample.boxes))
+        object_sizes.append(object_size(sample.boxes, width, height))
         images.append(draw_marks(sample.image, counted_px, radius=radii[-1]))
         counted.append(normalize_points(counted_px, width, height))
         candidates.append(normalize_points(sample.points[next_idx], width, height))
@@ -478,155 +500,25 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
         mode=mode, ids=[s.id for s in samples], images=images, class_names=[s.class_name for s in samples],
         counted=counted, num_objects=[len(s.points) for s in samples], remaining=remaining,
         done=torch.from_numpy(done_flags.astype(np.float32)), targets=targets, target_mask=mask,
-        sizes=[s.image.size for s in samples], mark_radii=radii,
+        sizes=[s.image.size for s in samples], mark_radii=radii, object_sizes=object_sizes,
     )
 
 
 # ----------------------------------------------------------------------------- synthetic FSC-147
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "ring")
-COLOURS = {
-    "red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (240, 210, 40),
-    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
-}
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "diamond": "diamonds", "hexagon": "hexagons", "cross": "crosses", "ring": "rings"}
-
-
-@dataclass
-class SynthConfig:
-    out: str = "data/synth"  # folder to write the FSC-147 layout into
-    num_images: int = 200  # images over all splits (60% train, 20% val, 20% test)
-    seed: int = 0  # same seed, same files
-    min_objects: int = 1  # fewest objects in an image
-    max_objects: int = 10  # most objects in an image
-    image_height: int = 384  # FSC-147 stores images 384 pixels high
-    min_width: int = 384  # image widths are drawn uniformly in [min_width, max_width]
-    max_width: int = 576
-    num_classes: int = 12  # object classes (colour + shape), split 50/25/25 disjoint over train/val/test
-    shared_classes: bool = False  # every split uses all classes (held-out layouts, seen classes), as in benchmarks
-    background: str = "textured"  # textured (gradient, noise, stripes or speckle) or plain (one colour)
-
-
-def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    """Vertices of a polygonal shape of radius r centred at (cx, cy)."""
-    def ring(n, radii, offset=0.0):
-        return [(cx + radii[i % len(radii)] * math.cos(angle + offset + 2 * math.pi * i / n),
-                 cy + radii[i % len(radii)] * math.sin(angle + offset + 2 * math.pi * i / n)) for i in range(n)]
-
-    if shape == "square":
-        return ring(4, [r], math.pi / 4)
-    if shape == "triangle":
-        return ring(3, [r], -math.pi / 2)
-    if shape == "star":
-        return ring(10, [r, 0.45 * r], -math.pi / 2)
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + 0.6 * r, cy), (cx, cy + r), (cx - 0.6 * r, cy)]
-    if shape == "hexagon":
-        return ring(6, [r])
-    if shape == "cross":
-        w = 0.35 * r
-        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
-        c, s = math.cos(angle), math.sin(angle)
-        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
-    raise ValueError(shape)
-
-
-def _draw_object(draw: ImageDraw.ImageDraw, shape: str, colour, cx, cy, r, angle):
-    outline = tuple(max(0, v - 90) for v in colour)
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline=outline, width=max(1, int(r / 8)))
-    elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r / 3)))
-    else:
-        draw.polygon(_shape_polygon(shape, cx, cy, r, angle), fill=colour, outline=outline)
-
-
-def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A textured background: a colour gradient plus low-frequency noise and stripes or speckle."""
-    base = rng.integers(60, 200, size=3).astype(np.float32)
-    other = rng.integers(60, 200, size=3).astype(np.float32)
-    t = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
-    img = base * (1 - t) + other * t + np.zeros((height, 1, 1), np.float32)
-    coarse = rng.normal(0, 18, size=(height // 32 + 2, width // 32 + 2, 3)).astype(np.float32)
-    coarse = np.kron(coarse, np.ones((32, 32, 1), np.float32))[:height, :width]
-    img += coarse
-    kind = rng.integers(3)
-    if kind == 1:  # stripes
-        period = rng.integers(8, 40)
-        yy = np.arange(height)[:, None, None]
-        img += 12 * np.sin(2 * np.pi * yy / period).astype(np.float32)
-    elif kind == 2:  # speckle
-        img += rng.normal(0, 12, size=img.shape).astype(np.float32)
-    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
-
-
-def synth_classes(num_classes: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """Distinct (class name, shape, colour) triples, e.g. ("red stars", "star", "red")."""
-    combos = [(c, s) for s in SHAPES for c in COLOURS]
-    picks = rng.permutation(len(combos))[:num_classes]
-    return [(f"{combos[i][0]} {PLURALS[combos[i][1]]}", combos[i][1], combos[i][0]) for i in picks]
-
-
-def _plain_background(rng: np.random.Generator, width: int, height: int, colour) -> Image.Image:
-    """One colour, at least 100 (sum of channel differences) away from the objects' colour."""
-    for _ in range(100):
-        fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
-        if sum(abs(a - b) for a, b in zip(fill, colour)) >= 100:
-            break
-    return Image.new("RGB", (width, height), fill)
-
-
-def synth_image(rng: np.random.Generator, cfg: SynthConfig, shape: str, colour: str):
-    """One image with N non-overlapping objects of one class. Returns (image, points, boxes)."""
-    width = int(rng.integers(cfg.min_width, cfg.max_width + 1))
-    height = cfg.image_height
-    if cfg.background == "plain":
-        image = _plain_background(rng, width, height, COLOURS[colour])
-    else:
-        image = _background(rng, width, height)
-    draw = ImageDraw.Draw(image)
-    num = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    # Fewer objects -> larger objects, as photos of a few things are taken closer up.
-    area_per_object = width * height / max(num, 1)
-    r_max = min(0.22 * min(width, height), 0.3 * math.sqrt(area_per_object))
-    radius = float(rng.uniform(max(6.0, 0.6 * r_max), max(7.0, r_max)))
-    points = []
-    for _ in range(num):
-        for _attempt in range(200):
-            r = radius * float(rng.uniform(0.85, 1.15))
-            cx = float(rng.uniform(r + 2, width - r - 2))
-            cy = float(rng.uniform(r + 2, height - r - 2))
-            if all((cx - px) ** 2 + (cy - py) ** 2 > (r + pr + 4) ** 2 for px, py, pr in points):
-                points.append((cx, cy, r))
-                break
-    for cx, cy, r in points:
-        _draw_object(draw, shape, COLOURS[colour], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
-    pts = [[round(cx, 2), round(cy, 2)] for cx, cy, _ in points]
-    boxes = [[[cx - r, cy - r], [cx - r, cy + r], [cx + r, cy + r], [cx + r, cy - r]] for cx, cy, r in points[:3]]
-    boxes = [[[round(v, 2) for v in corner] for corner in box] for box in boxes]
-    return image, pts, boxes
-
-
 SYNTH_CONFIG_FILE = "synth_config.json"  # written beside a synthetic dataset: how to make more of its images
 
 
-def synth_split_classes(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, list[tuple[str, str, str]]]:
-    """The classes of each split: disjoint halves/quarters, or all classes everywhere with shared_classes."""
-    classes = synth_classes(cfg.num_classes, rng)
-    n_train_cls = max(1, cfg.num_classes // 2)
-    n_val_cls = max(1, (cfg.num_classes - n_train_cls) // 2)
-    if cfg.shared_classes:
-        return {split: classes for split in ("train", "val", "test")}
-    return {"train": classes[:n_train_cls], "val": classes[n_train_cls:n_train_cls + n_val_cls],
-            "test": classes[n_train_cls + n_val_cls:]}
-
-
 def write_synthetic_fsc147(cfg: SynthConfig) -> dict:
-    """Write images, annotations, splits (disjoint classes) and class file in the FSC-147 layout, and
-    the generator's settings (synth_config.json, for `SyntheticTrainImages`)."""
+    """Write synthetic scenes (`synthetic_fsc147.synth_scene`) in the FSC-147 layout: images, annotations,
+    splits, class file, and the generator's settings (synth_config.json, for `SyntheticTrainImages`).
+
+    With --distractors, each annotation also has `all_points` (every object of every class) and
+    `distractor_classes`; `points`, the exemplar boxes and the class file describe the named class only.
+    """
     rng = np.random.default_rng(cfg.seed)
     split_classes = synth_split_classes(cfg, rng)
+    pools = distractor_pools(split_classes)
     n_train = round(cfg.num_images * 0.6)
     n_val = round(cfg.num_images * 0.2)
     counts = {"train": n_train, "val": n_val, "test": cfg.num_images - n_train - n_val}
@@ -635,19 +527,21 @@ def write_synthetic_fsc147(cfg: SynthConfig) -> dict:
     next_id = 2  # FSC-147 ids start at 2.jpg
     for split in ("train", "val", "test"):
         for i in range(counts[split]):
-            name, shape, colour = split_classes[split][i % len(split_classes[split])]
-            image, points, boxes = synth_image(rng, cfg, shape, colour)
+            cls = split_classes[split][i % len(split_classes[split])]
+            scene = synth_scene(rng, cfg, cls, pools[split])
             image_id = f"{next_id}.jpg"
             next_id += 1
-            image.save(os.path.join(cfg.out, IMAGE_DIR, image_id), quality=95)
+            scene.image.save(os.path.join(cfg.out, IMAGE_DIR, image_id), quality=95)
             annotations[image_id] = {
-                "H": image.height, "W": image.width, "ratio_h": 1.0, "ratio_w": 1.0,
-                "box_examples_coordinates": boxes, "box_examples_path": [],
+                "H": scene.image.height, "W": scene.image.width, "ratio_h": 1.0, "ratio_w": 1.0,
+                "box_examples_coordinates": scene.boxes, "box_examples_path": [],
                 "density_path": f"gt_density_map_adaptive_384_VarV2/{image_id[:-4]}.npy",
-                "img_path": f"{IMAGE_DIR}/{image_id}", "points": points,
+                "img_path": f"{IMAGE_DIR}/{image_id}", "points": scene.points,
             }
+            if cfg.distractors:
+                annotations[image_id].update(all_points=scene.all_points, distractor_classes=scene.distractor_classes)
             splits[split].append(image_id)
-            class_lines.append(f"{image_id}\t{name}\n")
+            class_lines.append(f"{image_id}\t{cls[0]}\n")
     with open(os.path.join(cfg.out, ANNOTATION_FILE), "w", encoding="utf-8") as f:
         json.dump(annotations, f)
     with open(os.path.join(cfg.out, SPLIT_FILE), "w", encoding="utf-8") as f:
@@ -659,31 +553,13 @@ def write_synthetic_fsc147(cfg: SynthConfig) -> dict:
     return {s: {"images": len(splits[s]), "classes": [c[0] for c in split_classes[s]]} for s in ("train", "val", "test")}
 
 
-def validate_synth(cfg: SynthConfig) -> list[str]:
-    """Every problem with a SynthConfig."""
-    errors = []
-    if cfg.num_images < 5:
-        errors.append(f"--num_images must be >= 5 (each split needs an image), got {cfg.num_images}")
-    if not 1 <= cfg.min_objects <= cfg.max_objects:
-        errors.append(f"need 1 <= --min_objects <= --max_objects, got {cfg.min_objects}, {cfg.max_objects}")
-    if cfg.max_objects > 400:
-        errors.append("--max_objects above 400 cannot be placed without overlap")
-    if cfg.image_height < 64 or not 64 <= cfg.min_width <= cfg.max_width:
-        errors.append("need --image_height >= 64 and 64 <= --min_width <= --max_width")
-    if not 3 <= cfg.num_classes <= len(SHAPES) * len(COLOURS):
-        errors.append(f"--num_classes must be in [3, {len(SHAPES) * len(COLOURS)}]")
-    if cfg.background not in ("textured", "plain"):
-        errors.append(f"--background must be textured or plain, got {cfg.background!r}")
-    return errors
-
-
 class SyntheticTrainImages(torch.utils.data.Dataset):
     """Fresh training images from the generator that wrote a synthetic dataset: image i is made from
     seed (seed, i), so every index is a new image (nothing to memorise) and the same index is always
     the same image (resume and several processes work as with files).
 
-    Same classes, sizes and object counts as the dataset's train split; JPEG-compressed in memory
-    as the written files are.
+    Same classes, distractors, sizes and object counts as the dataset's train split; JPEG-compressed in
+    memory as the written files are.
     """
 
     def __init__(self, root: str, length: int = 10**6):
@@ -693,6 +569,7 @@ class SyntheticTrainImages(torch.utils.data.Dataset):
                              "by `python dataset_fsc147.py synth`")
         self.cfg = config_from_dict(SynthConfig, _read_json(path))
         self.classes = synth_split_classes(self.cfg, np.random.default_rng(self.cfg.seed))["train"]
+        self.pool = distractor_pools({"train": self.classes})["train"]
         self.length = length
         self.num_skipped = 0
 
@@ -701,19 +578,21 @@ class SyntheticTrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         rng = np.random.default_rng([self.cfg.seed, 7919, index])
-        return synth_sample(rng, self.cfg, self.classes[index % len(self.classes)], f"synth-{index}")
+        return synth_sample(rng, self.cfg, self.classes[index % len(self.classes)], f"synth-{index}", self.pool)
 
 
-def synth_sample(rng: np.random.Generator, cfg: SynthConfig, cls: tuple[str, str, str], image_id: str) -> Sample:
-    """One synthetic image as a Sample, JPEG-compressed in memory as `write_synthetic_fsc147` stores it."""
+def synth_sample(rng: np.random.Generator, cfg: SynthConfig, cls: tuple[str, str, str], image_id: str,
+                 pool=()) -> Sample:
+    """One synthetic scene as a Sample, JPEG-compressed in memory as `write_synthetic_fsc147` stores it."""
     import io
 
-    name, shape, colour = cls
-    image, points, boxes = synth_image(rng, cfg, shape, colour)
+    scene = synth_scene(rng, cfg, cls, pool)
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=95)
+    scene.image.save(buf, format="JPEG", quality=95)
     image = Image.open(buf).convert("RGB")
-    return Sample(image_id, image, np.asarray(points, dtype=np.float32).reshape(-1, 2), _parse_boxes(boxes), name)
+    all_points = np.asarray(scene.all_points, dtype=np.float32).reshape(-1, 2) if cfg.distractors else None
+    return Sample(image_id, image, np.asarray(scene.points, dtype=np.float32).reshape(-1, 2),
+                  _parse_boxes(scene.boxes), cls[0], all_points)
 
 
 def show_state(root: str, split: str, index: int, k: int, out: str) -> int:

@@ -27,12 +27,11 @@ import numpy as np
 import torch
 
 from cli import UsageError, arg, parse_config
-from dataset_fsc147 import (FSC147Dataset, SynthConfig, denormalize_points, normalize_points, prepare_batch,
-                            write_synthetic_fsc147)
+from dataset_fsc147 import FSC147Dataset, denormalize_points, normalize_points, prepare_batch, write_synthetic_fsc147
 from model_loading import build_model, device_of, model_inputs
-from model_sequential_simple import compute_loss
 from run_logging import grad_norms, grad_verdict
-from train_sequential_attention import TrainConfig, build_optimizer, validate_train_config
+from synthetic_fsc147 import SynthConfig
+from train_sequential_attention import TrainConfig, build_optimizer, state_loss, validate_train_config
 
 GRAD_FAIL_BELOW = 1e-4
 
@@ -100,8 +99,7 @@ def total_loss(model, inputs: dict, batches: dict) -> tuple[torch.Tensor, dict]:
     for mode, batch in batches.items():
         out = model(inputs[mode], counted=batch.counted)
         outs[mode] = out
-        loss = loss + compute_loss(out, batch.done.to(device), batch.targets.to(device),
-                                   batch.target_mask.to(device), mode, remaining=batch.remaining)
+        loss = loss + state_loss(out, batch, device)
     return loss, outs
 
 

@@ -3,13 +3,23 @@
     python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root /path/FSC147 --split val
     python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root DIR --split test \
         --output_dir eval_test --batch_size 16 --save_overlays 8
+    python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root /path/FSC147 --split test --protocol exemplar
+
+Protocols (`summary.protocol` in results.json), i.e. what the counter is given at test time:
+  text      (default) the image and the class name only: marks are sized from the model's own estimate of
+            the objects' size. Compare with text-prompt results (CountSE, T2ICount, CountGD text-only, ...).
+  exemplar  also the three exemplar boxes of each image, used only to size the marks. Compare with
+            exemplar-prompt results (CountGD with exemplars, GeCo, ...).
 
 Writes OUTPUT_DIR/results.json ({"summary": {...}, "images": [...]}) and prints a summary table.
 Metrics (as in the FSC-147 literature; ground truth = number of annotated points):
   MAE = mean |pred - gt|, RMSE = sqrt(mean (pred - gt)^2), NAE = mean |pred - gt| / gt;
   localisation precision / recall / F1: predicted points matched one-to-one to ground-truth points
   (scipy.optimize.linear_sum_assignment on distances) within a radius, by default half the mean
-  exemplar box size of the image.
+  exemplar box size of the image (an evaluation-side use of the boxes under either protocol).
+  says_total: where the annotation lists every object (`all_points`, written for synthetic images with
+  distractors), the share of images whose count equals the number of objects of all classes: a counter
+  that ignores the class name scores high.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from count_objects import MAX_COUNT, CountResult, count_objects
+from count_objects import MAX_COUNT, PROTOCOLS, CountResult, count_objects
 from cli import UsageError, arg, parse_config, write_json_atomic
 from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size
 from model_loading import load_checkpoint
@@ -36,6 +46,8 @@ class EvalConfig:
     data_root: str = arg("", "FSC-147 root folder")
     split: str = arg("val", "split to count: val or test (or train)")
     output_dir: str = arg("", "where results.json and overlays go (default: CHECKPOINT/eval-<split>)")
+    protocol: str = arg("text", "text (image and class name only; marks sized from the model's own estimate) or "
+                        "exemplar (marks sized from the exemplar boxes); see the top of this help")
     batch_size: int = arg(8, "images counted at once (each at its own step)")
     done_threshold: float = arg(0.5, "stop counting an image when sigmoid(done) exceeds this")
     max_count: int = arg(MAX_COUNT, "stop counting an image after this many points (reported as capped); the default "
@@ -52,6 +64,8 @@ def validate_eval_config(cfg: EvalConfig) -> list[str]:
         errors.append("--batch_size and --max_count must be >= 1")
     if not 0 < cfg.done_threshold < 1:
         errors.append("--done_threshold must be in (0, 1)")
+    if cfg.protocol not in PROTOCOLS:
+        errors.append(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.max_images < 0 or cfg.save_overlays < 0 or cfg.match_radius < 0:
         errors.append("--max_images, --save_overlays and --match_radius must be >= 0")
     return errors
@@ -101,7 +115,26 @@ def summarize(records: list[dict], elapsed_s: float) -> dict:
         "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
         "n_capped": int(sum(r["capped"] for r in records)),
         "images_per_s": len(records) / elapsed_s if elapsed_s > 0 else float("nan"),
+        **says_total(records), **size_error(records),
     }
+
+
+def says_total(records: list[dict]) -> dict:
+    """Share of the images listing every object (`all_count`) whose count equals it; {} when none does."""
+    with_all = [r for r in records if r.get("all_count") is not None]
+    if not with_all:
+        return {}
+    return {"says_total": float(np.mean([r["pred_count"] == r["all_count"] for r in with_all])),
+            "n_with_all_points": len(with_all)}
+
+
+def size_error(records: list[dict]) -> dict:
+    """Text-only protocol: mean |estimated / exemplar object size - 1| over the images with both; {} otherwise."""
+    pairs = [(r["object_size"], r["gt_object_size"]) for r in records
+             if r.get("object_size") is not None and r.get("gt_object_size")]
+    if not pairs:
+        return {}
+    return {"object_size_rel_err": float(np.mean([abs(est / gt - 1) for est, gt in pairs]))}
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,20 +160,25 @@ def mean_count_baseline(data_root: str, records: list[dict], train_split: str = 
 
 def image_record(sample, result: CountResult, radius: float) -> dict:
     """Per-image entry of results.json."""
+    width, height = sample.image.size
     return {
         "id": sample.id, "class_name": sample.class_name, "gt_count": int(len(sample.points)),
         "pred_count": result.count,
+        "all_count": None if sample.all_points is None else int(len(sample.all_points)),
         "points": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points],
         "steps": result.steps, "capped": result.capped, "n_outside": result.n_outside,
         "n_duplicate": result.n_duplicate, "match_radius": round(radius, 2),
         "n_matched": match_points(result.points, sample.points, radius),
+        "mark_radius": result.mark_radius,
+        "object_size": None if result.object_size is None else round(result.object_size, 2),
+        "gt_object_size": round(object_size(sample.boxes, width, height), 2) if len(sample.boxes) else None,
     }
 
 
 def overlay(sample, result: CountResult) -> Image.Image:
-    """Side by side: the model's numbered marks | ground-truth points as dots."""
+    """Side by side: the model's numbered marks (as it drew them) | ground-truth points as dots."""
     width, height = sample.image.size
-    left = draw_marks(sample.image, result.points, radius=mark_radius(width, height, sample.boxes))
+    left = draw_marks(sample.image, result.points, radius=result.mark_radius)
     right = sample.image.copy()
     draw = ImageDraw.Draw(right)
     r = max(2, mark_radius(width, height) // 2)
@@ -156,8 +194,10 @@ def overlay(sample, result: CountResult) -> Image.Image:
 
 
 def count_dataset(model, dataset, batch_size: int, done_threshold: float, max_count: int,
-                  max_images: int = 0, match_radius: float = 0.0, progress: bool = True, indices=None):
-    """Count the images of a dataset: all, `max_images` of them spread over the classes, or `indices`.
+                  max_images: int = 0, match_radius: float = 0.0, progress: bool = True, indices=None,
+                  protocol: str = "text"):
+    """Count the images of a dataset: all, `max_images` of them spread over the classes, or `indices`,
+    under `protocol` (text: marks sized by the model; exemplar: by each image's exemplar boxes).
 
     Returns (records, summary, samples, results); the summary is empty when there is nothing to count
     (a process's empty slice).
@@ -177,24 +217,29 @@ def count_dataset(model, dataset, batch_size: int, done_threshold: float, max_co
         raise UsageError(f"no readable images to count ({skipped} skipped)")
     bar = tqdm(total=len(samples), desc="counting", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
+    radii = [mark_radius(*s.image.size, s.boxes) for s in samples] if protocol == "exemplar" else None
     results = count_objects(model, [s.image for s in samples], [s.class_name for s in samples], batch_size,
-                            done_threshold, max_count, progress=bar,
-                            mark_radii=[mark_radius(*s.image.size, s.boxes) for s in samples])
+                            done_threshold, max_count, progress=bar, mark_radii=radii, protocol=protocol)
     elapsed = time.perf_counter() - start
     bar.close()
     records = [image_record(s, r, match_radius or default_radius(s.boxes, *s.image.size))
                for s, r in zip(samples, results)]
-    summary = summarize(records, elapsed)
+    summary = {"protocol": protocol, **summarize(records, elapsed)}
     summary["n_skipped"] = skipped + dataset.num_skipped
     return records, summary, samples, results
 
 
 def print_summary(summary: dict, split: str) -> None:
-    rows = [("images", f"{summary['n_images']}"), ("MAE", f"{summary['mae']:.3f}"), ("RMSE", f"{summary['rmse']:.3f}"),
+    rows = [("protocol", summary["protocol"]), ("images", f"{summary['n_images']}"), ("MAE", f"{summary['mae']:.3f}"),
+            ("RMSE", f"{summary['rmse']:.3f}"),
             ("NAE", f"{summary['nae']:.3f}"), ("precision", f"{summary['precision']:.3f}"),
             ("recall", f"{summary['recall']:.3f}"), ("F1", f"{summary['f1']:.3f}"),
             ("capped", f"{summary['n_capped']}"), ("skipped", f"{summary['n_skipped']}"),
             ("images/s", f"{summary['images_per_s']:.2f}")]
+    if "says_total" in summary:
+        rows.append(("says_total", f"{summary['says_total']:.3f}"))
+    if "object_size_rel_err" in summary:
+        rows.append(("object size rel. error", f"{summary['object_size_rel_err']:.3f}"))
     if "baseline_mean_mae" in summary:
         rows += [("mean-count baseline MAE", f"{summary['baseline_mean_mae']:.3f}"),
                  ("mean-count baseline RMSE", f"{summary['baseline_mean_rmse']:.3f}")]
@@ -209,7 +254,8 @@ def main(argv=None) -> int:
         dataset = FSC147Dataset(cfg.data_root, cfg.split)
         model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device)
         records, summary, samples, results = count_dataset(
-            model, dataset, cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.max_images, cfg.match_radius)
+            model, dataset, cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.max_images, cfg.match_radius,
+            protocol=cfg.protocol)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

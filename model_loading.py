@@ -19,7 +19,8 @@ import torch
 
 from cli import UsageError, arg, config_from_dict, write_json_atomic
 from model_sequential_attention import ATTENTION_MODULES, SequentialAttentionCountingModel
-from model_sequential_simple import POINTING_MODES, SPECIAL_TOKENS, SimpleSequentialModel
+from model_sequential_simple import (CLASS_BINDINGS, POINTING_MODES, PROMPT_POSITIONS, SPECIAL_TOKENS,
+                                     SimpleSequentialModel)
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 HEADS_FILE = "heads.safetensors"
@@ -42,6 +43,11 @@ class ModelConfig:
     pointing: str = arg("regress", "regress (x_head/y_head regress x, y; the seed's design) or token (score every "
                         "image token as 'next object here', CE on the target's token + a sub-token offset; "
                         "done also sees the strongest 'unmarked object here' token score)")
+    prompt_position: str = arg("after", "after (image, then the prompt naming the class: the seed's layout) or "
+                               "before (the prompt first, so every image token can read the class name in the "
+                               "causal language model)")
+    class_binding: str = arg("add", "with --pointing token, how the class query meets each image token: add "
+                             "(added, then GELU) or film (the query also scales the token's features)")
     load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation; bf16 compute on GPU, fp32 on CPU) + LoRA (QLoRA)")
     quantize_vision: bool = arg(False, "with --load_in_4bit, quantise the vision tower too (by default it stays in "
                                 "bf16 on GPU / fp32 on CPU: quantising a 2B model's vision tower is a known cause "
@@ -67,6 +73,10 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         errors.append(f"--model_type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
     if cfg.pointing not in POINTING_MODES:
         errors.append(f"--pointing must be one of {POINTING_MODES}, got {cfg.pointing!r}")
+    if cfg.prompt_position not in PROMPT_POSITIONS:
+        errors.append(f"--prompt_position must be one of {PROMPT_POSITIONS}, got {cfg.prompt_position!r}")
+    if cfg.class_binding not in CLASS_BINDINGS:
+        errors.append(f"--class_binding must be one of {CLASS_BINDINGS}, got {cfg.class_binding!r}")
     if cfg.finetune not in FINETUNE_MODES:
         errors.append(f"--finetune must be one of {FINETUNE_MODES}, got {cfg.finetune!r}")
     elif cfg.finetune == "full" and cfg.load_in_4bit:
@@ -221,9 +231,11 @@ def build_model(cfg: ModelConfig, checkpoint: str | None = None, trainable: bool
     if cfg.model_type == "attention":
         model = SequentialAttentionCountingModel(backbone, processor, head_hidden=cfg.head_hidden,
                                                  modules=tuple(attention_module_list(cfg)),
-                                                 attention_dim=cfg.attention_dim, pointing=cfg.pointing)
+                                                 attention_dim=cfg.attention_dim, pointing=cfg.pointing,
+                                                 prompt_position=cfg.prompt_position, class_binding=cfg.class_binding)
     else:
-        model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden, pointing=cfg.pointing)
+        model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden, pointing=cfg.pointing,
+                                      prompt_position=cfg.prompt_position, class_binding=cfg.class_binding)
     for name, module in model.named_children():
         if name != "backbone":  # the backbone is already placed (4-bit needs device_map)
             module.to(device)

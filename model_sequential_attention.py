@@ -123,8 +123,9 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
     """SimpleSequentialModel + the enabled attention modules, joined through `base + out_proj(fused)`."""
 
     def __init__(self, backbone: nn.Module, processor, head_hidden: int = 256,
-                 modules: tuple[str, ...] = ATTENTION_MODULES, attention_dim: int = 256, pointing: str = "regress"):
-        super().__init__(backbone, processor, head_hidden, pointing)
+                 modules: tuple[str, ...] = ATTENTION_MODULES, attention_dim: int = 256, pointing: str = "regress",
+                 prompt_position: str = "after", class_binding: str = "add"):
+        super().__init__(backbone, processor, head_hidden, pointing, prompt_position, class_binding)
         unknown = [m for m in modules if m not in ATTENTION_MODULES]
         if unknown:
             raise ValueError(f"unknown attention modules {unknown}; choose from {ATTENTION_MODULES}")
@@ -166,7 +167,7 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
         base = self.token_features(hidden, inputs["input_ids"])  # (B, 3, H) float32
         image = self.image_tokens(hidden, inputs["input_ids"], inputs["image_grid_thw"])
         if not self.enabled:
-            return self.predict(base, image=image)
+            return self.predict(base, image=image, cell=image[3])
         b, device = base.shape[0], base.device
         query = self.token_proj(base)  # (B, 3, D)
         tokens, token_xy, token_mask, _ = image
@@ -191,7 +192,7 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
         # With foveation, x_head and y_head give an offset from where it looked: choosing a token by
         # attention is an easier problem than regressing a coordinate from features without position.
         # With token pointing, the chosen image token gives x, y instead (the pointer is still returned).
-        return self.predict(base + self.out_proj(fused), pointer, image)
+        return self.predict(base + self.out_proj(fused), pointer, image, cell=image[3])
 
     def module_groups(self) -> dict[str, list[nn.Parameter]]:
         """Heads, token rows and LoRA (as the simple model) plus every attention module."""

@@ -4,6 +4,10 @@
         -> Qwen2-VL (4-bit NF4 + LoRA) -> last hidden states at <x>, <y>, <done>
         -> x_head, y_head (no tanh, clamped to [-2, 2], MSE)   done_head (logit, BCE)
 
+The prompt goes after the image (`prompt_position="after"`, the seed's layout) or before it ("before"):
+in the causal LM only tokens after the class name can read it, so "before" lets every image token know
+what is being counted. Qwen2-VL-2B is pretrained with text on either side of an image.
+
 Two ways to point (`pointing`):
   regress  x_head, y_head regress x, y from the <x>, <y> states (the seed's design).
   token    every image token is scored as "holds the next object" (cross-entropy on the token that
@@ -11,6 +15,14 @@ Two ways to point (`pointing`):
            centre + a sub-token offset from x_head, y_head (applied per token). done_head also sees
            the strongest "unmarked object here" score, so done follows image evidence, not the
            number of marks. This is how pointing VLMs localise (choose a token, then refine).
+           `class_binding` says how the class query meets each token: "add" (query projection added to
+           the token's, then GELU) or "film" (the query also scales the token's features, a product,
+           which lets one colour + shape query switch features on and off).
+
+Both also estimate the named objects' size (`log_size`: log of the typical object size in image-token
+widths) so that counting without exemplar boxes (the text-only protocol) can size its marks: token
+pointing from every token that holds an unmarked object (weighted by the "object here" score),
+regression pointing from the <done> state.
 
 The backbone is built elsewhere (`model_loading.build_model`), so this file does no I/O.
 """
@@ -28,6 +40,8 @@ PROMPT = ("Count the {class_name}. Objects already counted carry numbered marks.
           "Point at the next uncounted object, or say that counting is done.")
 COORD_CLAMP = 2.0  # predictions are clamped to [-2, 2]: room past the image edge, no tanh saturation
 POINTING_MODES = ("regress", "token")
+PROMPT_POSITIONS = ("after", "before")  # the prompt after the image (the seed's layout) or before it
+CLASS_BINDINGS = ("add", "film")
 # The dense "unmarked object here" BCE is ~20x smaller than the pointing cross-entropy; weighted 5x it
 # teaches perception much sooner (RESULTS.md: 1,200 steps, exact-count accuracy 0.75 -> 0.80, MAE 0.60 -> 0.36).
 OBJECT_MAP_WEIGHT = 5.0
@@ -72,23 +86,37 @@ class PredictionHead(nn.Module):
 
 
 class TokenPointer(nn.Module):
-    """Per image token: logit that the next object is there, logit that an unmarked object is there.
+    """Per image token: logits "the next object is here" and "an unmarked object is here", and the log size
+    of the object there (in token widths).
 
-    Reads the token's state and the query (the <x> state, which has read the prompt and its class
-    name; image tokens come before the prompt in the causal LM, so they cannot know what to count).
+    Reads the token's state and the query (the <x> state, which has read the prompt and its class name;
+    with the prompt after the image, image tokens cannot know what to count in the causal LM).
+    binding "add": gelu(token + query); "film": gelu(token * (1 + scale(query)) + query), the product
+    starting at "add" (scale's weights start at zero).
     """
 
-    def __init__(self, hidden_size: int, dim: int):
+    def __init__(self, hidden_size: int, dim: int, binding: str = "add"):
         super().__init__()
+        if binding not in CLASS_BINDINGS:
+            raise ValueError(f"class_binding must be one of {CLASS_BINDINGS}, got {binding!r}")
         self.token_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
         self.query_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim, bias=False))
         self.next_score = nn.Linear(dim, 1)
         self.object_score = nn.Linear(dim, 1)
+        self.size_score = nn.Linear(dim, 1)
+        self.query_scale = None
+        if binding == "film":
+            self.query_scale = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
+            nn.init.zeros_(self.query_scale[1].weight)
+            nn.init.zeros_(self.query_scale[1].bias)
 
-    def forward(self, tokens: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # tokens (B, N, H), query (B, H) -> next logits (B, N), object logits (B, N)
-        h = F.gelu(self.token_proj(tokens) + self.query_proj(query).unsqueeze(1))  # (B, N, D)
-        return self.next_score(h).squeeze(-1), self.object_score(h).squeeze(-1)
+    def forward(self, tokens: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # tokens (B, N, H), query (B, H) -> next logits (B, N), object logits (B, N), log sizes (B, N)
+        t = self.token_proj(tokens)  # (B, N, D)
+        if self.query_scale is not None:
+            t = t * (1 + self.query_scale(query).unsqueeze(1))
+        h = F.gelu(t + self.query_proj(query).unsqueeze(1))  # (B, N, D)
+        return self.next_score(h).squeeze(-1), self.object_score(h).squeeze(-1), self.size_score(h).squeeze(-1)
 
 
 class SpecialTokenEmbeddings(nn.Module):
@@ -114,10 +142,14 @@ class SpecialTokenEmbeddings(nn.Module):
 class SimpleSequentialModel(nn.Module):
     """Qwen2-VL backbone + x_head, y_head, done_head on the hidden states at <x>, <y>, <done>."""
 
-    def __init__(self, backbone: nn.Module, processor, head_hidden: int = 256, pointing: str = "regress"):
+    def __init__(self, backbone: nn.Module, processor, head_hidden: int = 256, pointing: str = "regress",
+                 prompt_position: str = "after", class_binding: str = "add"):
         super().__init__()
         if pointing not in POINTING_MODES:
             raise ValueError(f"pointing must be one of {POINTING_MODES}, got {pointing!r}")
+        if prompt_position not in PROMPT_POSITIONS:
+            raise ValueError(f"prompt_position must be one of {PROMPT_POSITIONS}, got {prompt_position!r}")
+        self.prompt_position = prompt_position
         self.backbone = backbone  # PeftModel (LoRA) around Qwen2VLForConditionalGeneration, or the bare model
         self.processor = processor
         self.pointing = pointing
@@ -143,13 +175,15 @@ class SimpleSequentialModel(nn.Module):
         self.y_head = PredictionHead(hidden_size, head_hidden)
         self.done_head = PredictionHead(hidden_size, head_hidden)
         if pointing == "token":
-            self.token_pointer = TokenPointer(hidden_size, head_hidden)
+            self.token_pointer = TokenPointer(hidden_size, head_hidden, class_binding)
             # done_logit += w * (strongest "unmarked object here" logit) + b; w starts at -1: evidence of
             # an object left argues against done.
             self.done_evidence = nn.Linear(1, 1)
             with torch.no_grad():
                 self.done_evidence.weight.fill_(-1.0)
                 self.done_evidence.bias.zero_()
+        else:
+            self.size_head = PredictionHead(hidden_size, head_hidden)  # log object size from the <done> state
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -157,8 +191,8 @@ class SimpleSequentialModel(nn.Module):
         """Chat-template prompt naming the class, ending with the three query tokens (cached per class)."""
         if class_name in self._prompts:
             return self._prompts[class_name]
-        messages = [{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": PROMPT.format(class_name=class_name)}]}]
+        parts = [{"type": "image"}, {"type": "text", "text": PROMPT.format(class_name=class_name)}]
+        messages = [{"role": "user", "content": parts if self.prompt_position == "after" else parts[::-1]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         self._prompts[class_name] = text + "".join(SPECIAL_TOKENS)
         return self._prompts[class_name]
@@ -192,7 +226,7 @@ class SimpleSequentialModel(nn.Module):
         Returns tokens (B, N, H), xy (B, N, 2) in [-1, 1], mask (B, N), cell (B, 2): a token's width
         and height in normalised units.
         """
-        per_image, positions, cells = [], [], []
+        per_image, positions = [], []
         for i in range(hidden.shape[0]):
             states = hidden[i, input_ids[i] == self.image_token_id]  # (N_i, H), row-major on the merged grid
             t, h, w = (int(v) for v in grid_thw[i])
@@ -204,18 +238,25 @@ class SimpleSequentialModel(nn.Module):
             xy = torch.stack([(c + 0.5) / cols, (r + 0.5) / rows], -1) * 2 - 1  # (N_i, 2)
             per_image.append(states)
             positions.append(xy)
-            cells.append([2.0 / cols, 2.0 / rows])
         tokens = nn.utils.rnn.pad_sequence(per_image, batch_first=True)  # (B, N, H)
         xy = nn.utils.rnn.pad_sequence(positions, batch_first=True)  # (B, N, 2)
         lengths = torch.tensor([p.shape[0] for p in per_image], device=hidden.device)
         mask = torch.arange(tokens.shape[1], device=hidden.device) < lengths.unsqueeze(1)  # (B, N)
-        return tokens, xy, mask, torch.tensor(cells, device=hidden.device)
+        return tokens, xy, mask, self.grid_cells(grid_thw)
 
-    def predict(self, feats: torch.Tensor, pointer: torch.Tensor | None = None, image=None) -> dict[str, torch.Tensor]:
-        """Heads on (B, 3, H) features -> x, y (clamped), done_logit, each (B,).
+    def grid_cells(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """A merged image token's width and height in normalised units, per image: (B, 3) grid -> (B, 2)."""
+        cols = (grid_thw[:, 2] // self.merge_size).float()
+        rows = (grid_thw[:, 1] // self.merge_size).float()
+        return torch.stack([2.0 / cols, 2.0 / rows], -1)
+
+    def predict(self, feats: torch.Tensor, pointer: torch.Tensor | None = None, image=None,
+                cell: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Heads on (B, 3, H) features -> x, y (clamped), done_logit, log_size, each (B,).
 
         pointer (B, 2): a location the heads' x, y are added to (the attention model's foveation).
         image: `image_tokens(...)`, needed with token pointing; x, y then come from the chosen token.
+        cell (B, 2): `grid_cells(...)`, the token size that log_size is measured in (regression pointing).
         """
         done_logit = self.done_head(feats[:, 2])
         if self.pointing == "token":
@@ -223,15 +264,17 @@ class SimpleSequentialModel(nn.Module):
         x, y = self.x_head(feats[:, 0]), self.y_head(feats[:, 1])
         if pointer is not None:
             x, y = x + pointer[:, 0], y + pointer[:, 1]
-        out = {"x": clamp_coordinates(x), "y": clamp_coordinates(y), "done_logit": done_logit}
+        out = {"x": clamp_coordinates(x), "y": clamp_coordinates(y), "done_logit": done_logit,
+               "log_size": self.size_head(feats[:, 2]), "cell": cell}
         if pointer is not None:
             out["pointer"] = pointer
         return out
 
     def point_at_token(self, feats, done_logit, tokens, token_xy, token_mask, cell) -> dict[str, torch.Tensor]:
-        """Token pointing: scores per token, x, y = best token's centre + its offset, done with evidence."""
+        """Token pointing: scores per token, x, y = best token's centre + its offset, done with evidence,
+        object size = the sizes read at the tokens that hold unmarked objects, weighted by that score."""
         tokens = tokens.float()
-        next_logits, object_logits = self.token_pointer(tokens, feats[:, 0])  # (B, N) each
+        next_logits, object_logits, token_log_sizes = self.token_pointer(tokens, feats[:, 0])  # (B, N) each
         next_logits = next_logits.masked_fill(~token_mask, float("-inf"))
         # Offsets from the token centre in half-cells, by x_head / y_head on each token's state plus the query.
         offsets = torch.stack([self.x_head(tokens + feats[:, :1]), self.y_head(tokens + feats[:, 1:2])], -1)  # (B, N, 2)
@@ -239,16 +282,20 @@ class SimpleSequentialModel(nn.Module):
         best = next_logits.argmax(1)  # (B,)
         xy = token_xy[rows, best] + offsets[rows, best] * cell / 2  # (B, 2)
         evidence = object_logits.masked_fill(~token_mask, float("-inf")).max(1).values  # (B,)
+        weight = torch.sigmoid(object_logits).masked_fill(~token_mask, 0.0)  # (B, N)
+        log_size = (weight * token_log_sizes).sum(1) / weight.sum(1).clamp(min=1e-6)  # (B,)
         return {"x": clamp_coordinates(xy[:, 0]), "y": clamp_coordinates(xy[:, 1]),
                 "done_logit": done_logit + self.done_evidence(evidence.unsqueeze(-1)).squeeze(-1),
+                "log_size": log_size, "token_log_sizes": token_log_sizes,
                 "next_logits": next_logits, "object_logits": object_logits, "offsets": offsets,
                 "token_xy": token_xy, "token_mask": token_mask, "cell": cell}
 
     def forward(self, inputs: dict[str, torch.Tensor], counted=None) -> dict[str, torch.Tensor]:
         """inputs from `build_inputs` (on the model's device). `counted` is unused here."""
         hidden = self.encode(inputs)
-        image = self.image_tokens(hidden, inputs["input_ids"], inputs["image_grid_thw"]) if self.pointing == "token" else None
-        return self.predict(self.token_features(hidden, inputs["input_ids"]), image=image)
+        grid = inputs["image_grid_thw"]
+        image = self.image_tokens(hidden, inputs["input_ids"], grid) if self.pointing == "token" else None
+        return self.predict(self.token_features(hidden, inputs["input_ids"]), image=image, cell=self.grid_cells(grid))
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -279,6 +326,8 @@ class SimpleSequentialModel(nn.Module):
             groups["backbone"] = [p for _, p in trainable]
         if self.pointing == "token":
             groups["token_pointer"] = [*self.token_pointer.parameters(), *self.done_evidence.parameters()]
+        else:
+            groups["size_head"] = list(self.size_head.parameters())
         return groups
 
 
@@ -289,14 +338,37 @@ def xy_mse(outputs: dict[str, torch.Tensor], targets: torch.Tensor, target_mask:
     return sq.masked_fill(~target_mask, float("inf")).min(1).values.mean()
 
 
-def object_map_loss(outputs: dict[str, torch.Tensor], remaining) -> torch.Tensor:
-    """Dense BCE: each image token holds an uncounted object (1) or not (0). remaining: per state (r, 2)."""
+def remaining_token_map(outputs: dict[str, torch.Tensor], remaining) -> torch.Tensor:
+    """(B, N) True at each image token that holds an uncounted object. remaining: per state (r, 2)."""
     token_xy, token_mask = outputs["token_xy"], outputs["token_mask"]
     points, mask = pad_points(remaining, token_xy.shape[0], token_xy.device)
     idx = token_index(points, token_xy, token_mask)  # (B, R)
-    target = (torch.zeros_like(outputs["object_logits"]).scatter_add_(1, idx, mask.float()) > 0).float()
-    logits = outputs["object_logits"][token_mask]
-    return F.binary_cross_entropy_with_logits(logits, target[token_mask])
+    return torch.zeros(token_mask.shape, device=token_xy.device).scatter_add_(1, idx, mask.float()) > 0
+
+
+def object_map_loss(outputs: dict[str, torch.Tensor], remaining) -> torch.Tensor:
+    """Dense BCE: each image token holds an uncounted object (1) or not (0). remaining: per state (r, 2)."""
+    token_mask = outputs["token_mask"]
+    target = remaining_token_map(outputs, remaining).float()
+    return F.binary_cross_entropy_with_logits(outputs["object_logits"][token_mask], target[token_mask])
+
+
+def size_loss(outputs: dict[str, torch.Tensor], object_sizes: torch.Tensor, image_sizes: torch.Tensor,
+              remaining=None) -> torch.Tensor:
+    """MSE of the log object size in token widths: object_sizes (B,) in pixels, image_sizes (B, 2) as (W, H).
+
+    The target is log(size / token size), the token size in pixels of the image as stored (the processor
+    resizes the whole image, so the ratio is the one the model sees). Token pointing reads a size at every
+    token that holds an uncounted object (`remaining`); regression pointing has one estimate per state.
+    """
+    token_px = (outputs["cell"] / 2 * image_sizes).mean(-1)  # (B,): a token's side in pixels
+    target = torch.log(object_sizes / token_px)  # (B,)
+    if "token_log_sizes" not in outputs:
+        return F.mse_loss(outputs["log_size"], target)
+    where = remaining_token_map(outputs, remaining)  # (B, N)
+    if not bool(where.any()):
+        return outputs["token_log_sizes"].sum() * 0.0  # no uncounted object in any state (all done)
+    return F.mse_loss(outputs["token_log_sizes"][where], target.unsqueeze(1).expand_as(where)[where])
 
 
 def token_pointing_loss(outputs: dict[str, torch.Tensor], targets: torch.Tensor, target_mask: torch.Tensor) -> tuple:
@@ -318,7 +390,8 @@ def token_pointing_loss(outputs: dict[str, torch.Tensor], targets: torch.Tensor,
 
 
 def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: torch.Tensor,
-                 target_mask: torch.Tensor, mode: str, remaining=None, parts: dict | None = None) -> torch.Tensor:
+                 target_mask: torch.Tensor, mode: str, remaining=None, parts: dict | None = None,
+                 object_sizes: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of a step.
 
     cls: BCE-with-logits of done_logit against done (1 when k == N).
@@ -326,7 +399,9 @@ def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: 
       (B, M)): plain MSE with one candidate (reading order), the closest uncounted object with several.
     reg, token pointing: cross-entropy on the target token + MSE of its sub-token offset.
     Token pointing adds, in both modes, the dense "unmarked object here" BCE over the `remaining`
-    (uncounted) objects, times OBJECT_MAP_WEIGHT. `parts`, if given, receives each term and the (x, y) MSE as floats, for logging.
+    (uncounted) objects, times OBJECT_MAP_WEIGHT. With `object_sizes` (B,) and `image_sizes` (B, 2), every
+    step also trains the object-size estimate (`size_loss`). `parts`, if given, receives each term and the
+    (x, y) MSE as floats, for logging.
     """
     token = "next_logits" in outputs
     terms = {}
@@ -338,6 +413,8 @@ def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: 
         terms["xy_mse"] = xy_mse(outputs, targets, target_mask)
     if token and remaining is not None:
         terms["object_bce"] = OBJECT_MAP_WEIGHT * object_map_loss(outputs, remaining)
+    if object_sizes is not None:
+        terms["size_mse"] = size_loss(outputs, object_sizes, image_sizes, remaining)
     if parts is not None:
         parts.update({k: float(v.detach()) for k, v in terms.items()})
         if mode == "reg" and "xy_mse" not in parts:

@@ -31,7 +31,8 @@ import torch
 
 from cli import UsageError, arg, parse_config, write_json_atomic
 from count_objects import count_objects
-from dataset_fsc147 import Sample, SynthConfig, mark_radius, prepare_batch, synth_sample
+from dataset_fsc147 import Sample, mark_radius, prepare_batch, synth_sample
+from synthetic_fsc147 import SynthConfig
 from model_loading import build_model, device_of, model_inputs
 from train_sequential_attention import TrainConfig, build_optimizer, train_step
 
@@ -112,7 +113,7 @@ def run(cfg: SmokeConfig) -> dict:
     sample = samples(cfg)[0]
     start = time.perf_counter()  # one forward: the threshold is out of reach and the cap is one point
     count_objects(model, [sample.image], [sample.class_name], batch_size=1, done_threshold=0.9999, max_count=1,
-                  mark_radii=[mark_radius(*sample.image.size, sample.boxes)])
+                  mark_radii=[mark_radius(*sample.image.size, sample.boxes)], protocol="exemplar")
     count_step_s = time.perf_counter() - start
     footprint = {("vision_4bit" if cfg.quantize_vision else "vision_not_4bit"): footprint_mb(model)}
     result = {

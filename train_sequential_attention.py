@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from cli import UsageError, arg, parse_config, write_json_atomic
+from count_objects import PROTOCOLS
 from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImages, collate_samples, prepare_batch
 from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
                            save_checkpoint, validate_model_config)
@@ -89,6 +90,8 @@ class TrainConfig(ModelConfig):
     max_count: int = arg(200, "counting evaluation during training: stop an image after this many points (bounds "
                          "its time; evaluate_counting.py's own --max_count covers FSC-147's densest images)")
     done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this")
+    protocol: str = arg("text", "counting evaluation: text (marks sized from the model's own object-size estimate) "
+                        "or exemplar (from the val images' exemplar boxes)")
     save_every: int = arg(500, "write checkpoint-<step> every N optimizer steps (0: only at the end)")
     save_total_limit: int = arg(0, "keep only the newest N checkpoint-<step> folders (plus -last and -best; 0: all)")
     resume: str = arg("", "continue a run: 'latest' (OUTPUT_DIR/checkpoint-last) or a checkpoint folder")
@@ -132,6 +135,8 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append(f"--max_count must be >= 1, got {cfg.max_count}")
     if not 0 < cfg.done_threshold < 1:
         errors.append(f"--done_threshold must be in (0, 1), got {cfg.done_threshold}")
+    if cfg.protocol not in PROTOCOLS:
+        errors.append(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.grad_clip < 0 or cfg.weight_decay < 0:
         errors.append("--grad_clip and --weight_decay must be >= 0")
     if cfg.lr_schedule not in ("cosine", "constant"):
@@ -209,12 +214,18 @@ def step_mode(step: int) -> str:
     return "cls" if step % 2 == 0 else "reg"
 
 
+def state_loss(outputs: dict, batch, device, parts: dict | None = None) -> torch.Tensor:
+    """`compute_loss` of a CountingBatch's targets for the model's outputs on it."""
+    return compute_loss(outputs, batch.done.to(device), batch.targets.to(device), batch.target_mask.to(device),
+                        batch.mode, remaining=batch.remaining, parts=parts,
+                        object_sizes=torch.tensor(batch.object_sizes, device=device),
+                        image_sizes=torch.tensor(batch.sizes, dtype=torch.float32, device=device))
+
+
 def batch_loss(model, batch, device, parts: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """Forward one CountingBatch and its loss (`compute_loss` for the batch's mode); also the outputs."""
+    """Forward one CountingBatch and its loss (`state_loss`); also the outputs."""
     outputs = model(model_inputs(model, batch, device), counted=batch.counted)
-    loss = compute_loss(outputs, batch.done.to(device), batch.targets.to(device), batch.target_mask.to(device),
-                        batch.mode, remaining=batch.remaining, parts=parts)
-    return loss, outputs
+    return state_loss(outputs, batch, device, parts), outputs
 
 
 def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: list, mode: str) -> dict:
@@ -286,7 +297,7 @@ def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
     mine = val_ds.subset_indices(cfg.eval_images)[rank::world]
     start = time.perf_counter()
     records, _, samples, results = count_dataset(model, val_ds, cfg.batch_size, cfg.done_threshold, cfg.max_count,
-                                                 indices=mine, progress=False)
+                                                 indices=mine, progress=False, protocol=cfg.protocol)
     records = gather_to_rank0(records)
     model.train()
     if rank != 0:
@@ -295,7 +306,8 @@ def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
     summary.update(mean_count_baseline(cfg.data_root, records, cfg.train_split))
     log_overlays(run, [overlay(s, r) for s, r in list(zip(samples, results))[:cfg.eval_overlays]],
                  [f"{s.id} {s.class_name}: pred {r.count} gt {len(s.points)}" for s, r in zip(samples, results)])
-    result = {f"val/count_{k}": summary[k] for k in ("mae", "rmse", "nae", "f1", "n_capped", "n_images", "images_per_s")}
+    result = {f"val/count_{k}": summary[k] for k in ("mae", "rmse", "nae", "f1", "n_capped", "n_images", "images_per_s",
+                                                     "says_total", "object_size_rel_err") if k in summary}
     if "baseline_mean_mae" in summary:
         result["val/count_mae_mean_baseline"] = summary["baseline_mean_mae"]
     return result

@@ -14,7 +14,7 @@ from model_sequential_attention import ATTENTION_MODULES, SequentialAttentionCou
 from model_sequential_simple import compute_loss
 from model_loading import build_model, load_checkpoint, model_inputs, save_checkpoint
 from run_logging import grad_norms
-from train_sequential_attention import build_optimizer, main
+from train_sequential_attention import build_optimizer, main, state_loss
 
 CPU = torch.device("cpu")
 
@@ -76,7 +76,7 @@ def test_gradient_reaches_every_parameter_of_every_module(attention_config, mixe
     model.zero_grad()
     for mode, batch in mixed_batches.items():
         out = model(model_inputs(model, batch, CPU), counted=batch.counted)
-        compute_loss(out, batch.done, batch.targets, batch.target_mask, mode).backward()
+        state_loss(out, batch, CPU).backward()
     groups = model.module_groups()
     for module in ("working_memory", "foveation", "cross_attention", "reasoning", "input_projections", "out_proj"):
         assert module in groups

@@ -25,13 +25,32 @@ def test_bench_learning_writes_table_json_and_plot(tmp_path, capsys):
     # the mean baseline is the training split's mean count, scored on the same test images
     assert rows["simple"]["n_images"] == rows["mean"]["n_images"] == 3
     table = open(out / "results.md").read()
-    assert "| attention-nearest | 4 |" in table and "| mean |" in table
+    assert "| attention-nearest | text | 4 |" in table and "| mean | - |" in table
     assert os.path.getsize(out / "learning.png") > 1000
     # data and model are reused when the settings match
     stamp = os.path.getmtime(out / "data" / "bench_settings.json")
     assert bench_learning.main(["--output_dir", str(out), "--variants", "mean", "--num_images", "25",
                                 "--max_objects", "4"]) == 0
     assert os.path.getmtime(out / "data" / "bench_settings.json") == stamp
+
+
+def test_bench_learning_rows_per_protocol_with_distractors(tmp_path):
+    out = tmp_path / "bench"
+    assert bench_learning.main(["--output_dir", str(out), "--variants", "mean,simple-token-before-film",
+                                "--protocol", "text,exemplar", "--distractors", "2", "--steps", "2",
+                                "--num_images", "25", "--max_objects", "3", "--eval_every", "0", "--eval_images", "2",
+                                "--test_images", "3", "--max_count", "4", "--warmup_steps", "1"]) == 0
+    rows = json.load(open(out / "results.json"))["results"]
+    assert [(r["variant"], r["protocol"]) for r in rows] == [
+        ("mean", "-"), ("simple-token-before-film", "text"), ("simple-token-before-film", "exemplar")]
+    model_rows = rows[1:]
+    assert all(r["prompt_position"] == "before" and r["class_binding"] == "film" for r in model_rows)
+    # Every test image holds other classes: says_total is measured, on the same images as the counts.
+    assert all(0 <= r["says_total"] <= 1 and r["n_images"] == 3 for r in rows)
+    assert "object_size_rel_err" in rows[1] and "object_size_rel_err" not in rows[2]  # estimated only under text
+    for protocol in ("text", "exemplar"):
+        saved = json.load(open(out / "simple-token-before-film" / f"test_results_{protocol}.json"))
+        assert saved["summary"]["protocol"] == protocol
 
 
 def test_bench_learning_rejects_unknown_variants(capsys):

@@ -42,14 +42,16 @@ class ScriptedModel(nn.Module):
         self.batch_sizes.append(len(have))
         self.counted_seen = [np.array(c) for c in counted]
         n = len(have)
+        # log_size 0: objects one token wide, a token being a quarter of the image (cell 0.5 of 2 units).
         return {"x": torch.full((n,), self.point[0]), "y": torch.full((n,), self.point[1]),
-                "done_logit": torch.where(have >= inputs["want"], 10.0, -10.0)}
+                "done_logit": torch.where(have >= inputs["want"], 10.0, -10.0),
+                "log_size": torch.zeros(n), "cell": torch.full((n, 2), 0.5)}
 
 
 def test_loop_stops_on_done_and_refills_the_batch():
     images = [Image.new("RGB", (100 * k, 80)) for k in (3, 0, 5, 1, 2)]
     model = ScriptedModel()
-    results = count_objects(model, images, ["dots"] * 5, batch_size=2, max_count=50)
+    results = count_objects(model, images, ["dots"] * 5, batch_size=2, max_count=50, protocol="exemplar")
     assert [r.count for r in results] == [3, 0, 5, 1, 2]
     assert [r.steps for r in results] == [4, 1, 6, 2, 3]
     assert not any(r.capped for r in results)
@@ -61,7 +63,7 @@ def test_loop_stops_on_done_and_refills_the_batch():
 
 def test_loop_stops_at_the_cap_and_flags_duplicates_and_outside_points():
     image = Image.new("RGB", (900, 80))  # wants 9, capped at 4
-    result = count_objects(ScriptedModel(point=(1.5, 0.0)), [image], ["dots"], max_count=4)[0]
+    result = count_objects(ScriptedModel(point=(1.5, 0.0)), [image], ["dots"], max_count=4, protocol="exemplar")[0]
     assert result.capped and result.count == 4 and result.steps == 4
     assert result.n_outside == 4  # x = 1.5 is right of the image
     assert result.n_duplicate == 3  # the same point four times: three land on an earlier one
@@ -70,7 +72,7 @@ def test_loop_stops_at_the_cap_and_flags_duplicates_and_outside_points():
 def test_points_off_the_image_are_marked_and_fed_back_at_its_edge():
     image = Image.new("RGB", (300, 80))  # wants 3
     model = ScriptedModel(point=(1.5, -1.2))
-    result = count_objects(model, [image], ["dots"], max_count=10)[0]
+    result = count_objects(model, [image], ["dots"], max_count=10, protocol="exemplar")[0]
     assert result.count == 3 and result.n_outside == 3
     # Recorded clipped to the image (x = W - 1, y = 0), and the model was given exactly those points.
     np.testing.assert_allclose(result.points, [[299, 0]] * 3)
@@ -98,7 +100,7 @@ class MarkReadingModel(ScriptedModel):
 
 def test_the_loop_feeds_the_marked_image():
     images = [Image.new("RGB", (100 * k, 80), (60, 90, 60)) for k in (1, 3, 5)]
-    results = count_objects(MarkReadingModel(), images, ["dots"] * 3, batch_size=2, max_count=8)
+    results = count_objects(MarkReadingModel(), images, ["dots"] * 3, batch_size=2, max_count=8, protocol="exemplar")
     assert [r.count for r in results] == [1, 3, 5] and not any(r.capped for r in results)
 
 
@@ -226,10 +228,14 @@ def test_count_objects_cli_sizes_marks_from_exemplar_boxes(trained_run, tmp_path
     monkeypatch.setattr(count_mod, "count_objects", lambda *a, **k: radii.append(k["mark_radii"]) or real(*a, **k))
     ckpt = os.path.join(trained_run, "checkpoint-last")
     args = ["--checkpoint", ckpt, "--image", path, "--class_name", "x", "--out_dir", str(tmp_path), "--max_count", "1"]
-    assert count_mod.main(args + ["--exemplar_boxes", "10,10,50,50; 100,100,140,140"]) == 0
-    assert count_mod.main(args + ["--mark_radius", "6"]) == 0
-    assert count_mod.main(args) == 0
-    assert radii == [[14], [6], [8]]  # 0.35 x 40 px boxes; as given; 300 / 40 without boxes
+    exemplar = args + ["--protocol", "exemplar"]
+    assert count_mod.main(exemplar + ["--exemplar_boxes", "10,10,50,50; 100,100,140,140"]) == 0
+    assert count_mod.main(exemplar + ["--mark_radius", "6"]) == 0
+    assert radii == [[14], [6]]  # 0.35 x 40 px boxes; as given
+    assert count_mod.main(args) == 0  # text-only: no radius given, the model sizes the marks
+    assert radii[-1] is None
+    saved = json.load(open(tmp_path / "img_points.json"))
+    assert saved["mark_radius"] >= 2 and saved["object_size"] > 0
 
 
 def test_count_objects_cli_errors(trained_run, tmp_path, capsys):
@@ -246,8 +252,15 @@ def test_count_objects_cli_errors(trained_run, tmp_path, capsys):
     assert count_mod.main(["--checkpoint", str(tmp_path), "--image", good, "--class_name", "x"]) == 2
     assert "missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        count_mod.main(["--checkpoint", ckpt, "--image", good, "--class_name", "x", "--exemplar_boxes", "1,2,3"])
+        count_mod.main(["--checkpoint", ckpt, "--image", good, "--class_name", "x", "--protocol", "exemplar",
+                        "--exemplar_boxes", "1,2,3"])
     assert "--exemplar_boxes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # boxes are not given to a text-only count, and exemplar needs them
+        count_mod.main(["--checkpoint", ckpt, "--image", good, "--class_name", "x", "--exemplar_boxes", "1,2,3,4"])
+    assert "add --protocol exemplar" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        count_mod.main(["--checkpoint", ckpt, "--image", good, "--class_name", "x", "--protocol", "exemplar"])
+    assert "needs --exemplar_boxes or --mark_radius" in capsys.readouterr().err
 
 
 def test_default_caps_cover_the_densest_fsc147_image():

@@ -104,9 +104,10 @@ def test_gradients_reach_heads_token_rows_and_lora(train_config, fixed_batches):
     model.zero_grad()
     for mode, batch in fixed_batches.items():
         out = model(model_inputs(model, batch, torch.device("cpu")))
-        compute_loss(out, batch.done, batch.targets, batch.target_mask, mode).backward()
+        compute_loss(out, batch.done, batch.targets, batch.target_mask, mode, object_sizes=torch.tensor(batch.object_sizes),
+                     image_sizes=torch.tensor(batch.sizes, dtype=torch.float32)).backward()
     norms = grad_norms(model)
-    assert set(norms) == {"x_head", "y_head", "done_head", "token_embeddings", "lora"}
+    assert set(norms) == {"x_head", "y_head", "done_head", "size_head", "token_embeddings", "lora"}
     for name, norm in norms.items():
         assert norm > 1e-4, f"{name} got gradient {norm}"
     lora = [p for n, p in model.backbone.named_parameters() if "lora_" in n]
@@ -204,12 +205,15 @@ def test_token_pointing_points_at_the_best_token_plus_its_offset(train_config):
         model.x_head.fc2.weight.zero_(), model.x_head.fc2.bias.fill_(0.5)  # offset x: half a half-cell
         model.y_head.fc2.weight.zero_(), model.y_head.fc2.bias.fill_(-1.0)
     logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
-    model.token_pointer.forward = lambda t, q: (logits, torch.full((1, 4), 1.5))
+    objects = torch.tensor([[0.0, 0.0, 1.5, 1.5]])
+    model.token_pointer.forward = lambda t, q: (logits, objects, torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
     out = model.point_at_token(feats, torch.zeros(1), tokens, GRID["token_xy"], GRID["token_mask"], GRID["cell"])
     # Token 2 (centre (-0.5, 0.5)) + offset (0.5, -1.0) half-cells of 0.5: (-0.25, 0.0).
     assert out["x"].item() == pytest.approx(-0.25) and out["y"].item() == pytest.approx(0.0)
     # done_logit = 0 + w * max object logit + b = -1 * 1.5 + 0 at initialisation: evidence argues against done.
     assert out["done_logit"].item() == pytest.approx(-1.5)
+    # log size: the token sizes weighted by sigmoid(object logit): (0.5 * 0 + 0.5 * 1 + 0.8176 * (2 + 3)) / 2.6352.
+    assert out["log_size"].item() == pytest.approx(1.7411, abs=1e-3)
 
 
 def test_predictions_are_clamped_not_squashed(tiny_model):
