@@ -206,3 +206,40 @@ def test_bad_mode_or_strategy_is_an_error():
         prepare_batch([make_sample([[1, 1]])], "both", np.random.default_rng(0))
     with pytest.raises(ValueError, match="strategy"):
         prepare_batch([make_sample([[1, 1]])], "reg", np.random.default_rng(0), "random")
+
+
+def test_remaining_holds_every_uncounted_object_the_next_one_included():
+    # Reading order by hand: (20,20), (100,20), (180,20), then (60,90), (140,90). With k counted, the dense
+    # object map is trained on objects k+1..N: the next target must be among them.
+    pts = [[100, 20], [60, 90], [20, 20], [140, 90], [180, 20]]
+    in_order = np.array([[20, 20], [100, 20], [180, 20], [60, 90], [140, 90]], dtype=np.float32)
+    sample = make_sample(pts, size=(200, 120))
+    rng = np.random.default_rng(6)
+    seen = set()
+    for mode in ("cls", "reg"):
+        for _ in range(40):
+            batch = prepare_batch([sample], mode, rng)
+            k = len(batch.counted[0])
+            seen.add((mode, k))
+            np.testing.assert_allclose(batch.remaining[0], normalize_points(in_order[k:], 200, 120), atol=1e-6)
+            if mode == "reg":  # the target is the first remaining object
+                np.testing.assert_allclose(batch.targets[0, 0].numpy(), normalize_points(in_order[k], 200, 120)[0],
+                                           atol=1e-6)
+    assert {("cls", 5), ("cls", 0), ("reg", 4)} <= seen  # done, nothing counted, one left
+
+
+def test_remaining_never_holds_another_class_s_object():
+    named = [[30, 30], [100, 30], [170, 30]]
+    others = [[60, 90], [140, 90], [100, 60]]  # distractors: in the image and in all_points, not annotated
+    sample = make_sample(named, size=(200, 120))
+    sample.all_points = np.array(named + others, dtype=np.float32)
+    distractors = {tuple(p) for p in np.round(normalize_points(np.array(others, np.float32), 200, 120), 5)}
+    rng = np.random.default_rng(7)
+    for mode in ("cls", "reg"):
+        for strategy in ("reading_order", "nearest"):
+            for _ in range(10):
+                batch = prepare_batch([sample], mode, rng, strategy)
+                k = len(batch.counted[0])
+                remaining = {tuple(p) for p in np.round(batch.remaining[0], 5)}
+                assert not remaining & distractors and len(remaining) == 3 - k
+                assert batch.num_objects == [3]

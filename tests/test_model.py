@@ -5,10 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dataset_fsc147 import FSC147Dataset, prepare_batch
-from model_sequential_simple import (SPECIAL_TOKENS, clamp_coordinates, compute_loss, object_map_loss, token_index,
-                                     token_pointing_loss)
+from model_sequential_simple import (SPECIAL_TOKENS, TokenPointer, clamp_coordinates, compute_loss, object_map_loss,
+                                     size_loss, token_index, token_pointing_loss)
 from model_loading import build_model, model_inputs
 from run_logging import grad_norms
 from train_sequential_attention import build_optimizer
@@ -190,6 +191,47 @@ def test_object_map_loss_by_hand():
     loss = object_map_loss(outputs, [np.array([[-0.4, -0.6]])])  # one uncounted object, in token 0
     expected = (np.log1p(np.exp(-2.0)) * 2 + np.log(2.0) * 2) / 4  # token 0: target 1, logit 2; others 0
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_size_loss_by_hand():
+    # A 200 x 120 image on a 2 x 2 token grid (cell 1.0 normalised): tokens are 100 x 60 px, 80 px on average.
+    sizes, image = torch.tensor([40.0]), torch.tensor([[200.0, 120.0]])
+    target = np.log(40.0 / 80.0)
+    token = {**GRID, "token_log_sizes": torch.tensor([[0.0, 1.0, -1.0, 5.0]]), "log_size": torch.tensor([0.0])}
+    # Uncounted objects in tokens 0 and 2 (token 3 holds none: its 5.0 does not count).
+    loss = size_loss(token, sizes, image, [np.array([[-0.4, -0.6], [-0.5, 0.5]])])
+    assert loss.item() == pytest.approx(((0.0 - target) ** 2 + (-1.0 - target) ** 2) / 2, rel=1e-5)
+    # Regression pointing: one estimate per state.
+    regress = {"log_size": torch.tensor([0.5]), "cell": GRID["cell"]}
+    assert size_loss(regress, sizes, image).item() == pytest.approx((0.5 - target) ** 2, rel=1e-5)
+
+
+def test_prompt_goes_before_or_after_the_image(train_config):
+    after = build_model(train_config)
+    before = build_model(dataclasses.replace(train_config, prompt_position="before"))
+    image_at = lambda text: text.index("<|vision_start|>")
+    name_at = lambda text: text.index("Count the sea shells")
+    assert image_at(after.build_prompt("sea shells")) < name_at(after.build_prompt("sea shells"))
+    assert name_at(before.build_prompt("sea shells")) < image_at(before.build_prompt("sea shells"))
+    assert after.build_prompt("sea shells").endswith("<x><y><done>") and before.build_prompt("x").endswith("<x><y><done>")
+    ids = lambda m: m.build_inputs([Image.new("RGB", (56, 56))], ["sea shells"])["input_ids"][0].tolist()
+    image_id = after.image_token_id
+    name_id = after.processor.tokenizer(" sea", add_special_tokens=False)["input_ids"][0]
+    assert ids(after).index(image_id) < ids(after).index(name_id)
+    assert ids(before).index(name_id) < ids(before).index(image_id)
+
+
+def test_film_binding_starts_as_add_and_then_scales_tokens_by_the_query():
+    torch.manual_seed(0)
+    add, film = TokenPointer(8, 4, "add"), TokenPointer(8, 4, "film")
+    film.load_state_dict({**add.state_dict(), **{k: v for k, v in film.state_dict().items() if "query_scale" in k}})
+    tokens, query = torch.randn(1, 3, 8), torch.randn(1, 8)
+    for a, f in zip(add(tokens, query), film(tokens, query)):
+        assert torch.allclose(a, f)  # scale 0 at the start: the product is the identity
+    with torch.no_grad():
+        film.query_scale[1].bias.fill_(1.0)  # scale (1 + 1): token features doubled before the query is added
+    h = torch.nn.functional.gelu(2 * add.token_proj(tokens) + add.query_proj(query).unsqueeze(1))
+    assert torch.allclose(film(tokens, query)[0], add.next_score(h).squeeze(-1), atol=1e-6)
 
 
 def test_token_pointing_points_at_the_best_token_plus_its_offset(train_config):
