@@ -41,13 +41,15 @@ class CountResult:
     """What the counting loop found in one image."""
 
     points: np.ndarray  # (K, 2) predicted points in pixels of the original image, in counting order
-    steps: int  # forward passes spent on the image (K + 1 when it stopped on done)
+    steps: int  # forward passes spent on the image (K + 1 when it stopped on done, one point per step)
     capped: bool  # stopped at max_count rather than on done
     n_outside: int  # predicted points outside the image (recorded, marked and fed back at the image's edge)
-    n_duplicate: int  # predicted points on top of an earlier one (within a mark radius; still recorded)
+    n_duplicate: int  # points the model chose on already-counted objects (within a mark radius): rejected by the
+    #                   guard, or recorded and counted without it
     done_probs: list[float] = field(default_factory=list)  # sigmoid(done) at each step
     mark_radius: int = 0  # the radius its marks were drawn with, in pixels
     object_size: float | None = None  # text-only protocol: the model's estimate of the objects' size, in pixels
+    stopped_on_duplicates: bool = False  # the guard stopped it: the model pointed only at counted objects
 
     @property
     def count(self) -> int:
@@ -56,7 +58,7 @@ class CountResult:
 
 @dataclass
 class _State:
-    """An image being counted: its index in the input list and the points found so far."""
+    """An image being counted: its index in the input list, the points found so far, its marked image."""
 
     index: int
     image: object
@@ -64,29 +66,36 @@ class _State:
     radius: int | None  # mark radius in pixels; None until the model's first estimate (text-only protocol)
     points: list = field(default_factory=list)  # (x, y) pixels per counted point, clipped to the image
     n_outside: int = 0
+    n_duplicate: int = 0
     done_probs: list = field(default_factory=list)
     object_size: float | None = None
+    marked: object = None  # the image with every counted point's mark, drawn incrementally
 
-    def add(self, x: float, y: float) -> None:
-        """Record a predicted point (normalised) where it will be marked: clipped to the image, as in training."""
+    def pixel(self, x: float, y: float) -> tuple[np.ndarray, bool]:
+        """A predicted point (normalised) where it will be marked: clipped to the image, as in training;
+        and whether it fell outside."""
         width, height = self.image.size
         pixel = denormalize_points(np.array([[x, y]], dtype=np.float32), width, height)
         clipped = clip_points(pixel, width, height)
-        self.n_outside += int(not np.array_equal(pixel, clipped))
-        self.points.append(clipped[0])
+        return clipped[0], not np.array_equal(pixel, clipped)
+
+    def add(self, points: list[np.ndarray]) -> None:
+        """Count pixel points and draw their marks (numbered on from the last) onto the marked image."""
+        first = len(self.points) + 1
+        self.points.extend(points)
+        self.marked = draw_marks(self.marked if self.marked is not None else self.image, np.asarray(points),
+                                 labels=range(first, first + len(points)), radius=self.radius)
 
     def pixels(self) -> np.ndarray:
         return np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
 
+    def near_counted(self, point: np.ndarray, distance: float) -> bool:
+        return bool(self.points) and bool((np.hypot(*(self.pixels() - point).T) < distance).any())
 
-def _finish(state: _State, capped: bool) -> CountResult:
-    points = state.pixels()
-    duplicate = 0
-    for i in range(1, len(points)):
-        if (np.hypot(*(points[:i] - points[i]).T) < state.radius).any():
-            duplicate += 1
-    return CountResult(points, len(state.done_probs), capped, state.n_outside, duplicate, list(state.done_probs),
-                       state.radius, state.object_size)
+
+def _finish(state: _State, capped: bool, on_duplicates: bool = False) -> CountResult:
+    return CountResult(state.pixels(), len(state.done_probs), capped, state.n_outside, state.n_duplicate,
+                       list(state.done_probs), state.radius, state.object_size, on_duplicates)
 
 
 def estimated_object_size(outputs: dict, row: int, width: int, height: int) -> float:
@@ -100,9 +109,45 @@ def estimated_object_size(outputs: dict, row: int, width: int, height: int) -> f
     return float(torch.exp(outputs["log_size"][row].float().cpu())) * token_px
 
 
+POINT_THRESHOLD = 0.5  # a token's "unmarked object here" probability that makes it a candidate point
+
+
+def candidate_points(outputs: dict, row: int) -> list[tuple[float, float]]:
+    """Where the model would point, best first (normalised): its chosen point, then, for token pointing, the
+    refined point of every other token it believes holds an unmarked object (probability above
+    POINT_THRESHOLD), in the order of its "next object" scores."""
+    first = (float(outputs["x"][row]), float(outputs["y"][row]))
+    if "token_points" not in outputs:
+        return [first]
+    believed = (torch.sigmoid(outputs["object_logits"][row].float()) > POINT_THRESHOLD) & outputs["token_mask"][row]
+    order = outputs["next_logits"][row].float().masked_fill(~believed, float("-inf")).argsort(descending=True)
+    order = order[:int(believed.sum())]
+    return [first] + [tuple(float(v) for v in outputs["token_points"][row, i]) for i in order.tolist()]
+
+
+def choose_points(state: _State, candidates: list, limit: int, guard: bool) -> list[np.ndarray]:
+    """The points to commit this step, in pixels: up to `limit` candidates, none within a mark radius of a
+    counted point (the guard) and each at least two mark radii from the others chosen with it (one object
+    seen from two tokens). A first candidate (the model's own choice) on a counted object is a duplicate;
+    without the guard it is counted all the same."""
+    chosen = []
+    for i, (x, y) in enumerate(candidates):
+        point, outside = state.pixel(x, y)
+        on_counted = state.near_counted(point, state.radius)
+        state.n_duplicate += int(i == 0 and on_counted)
+        if (guard and on_counted) or any(np.hypot(*(point - c)) < 2 * state.radius for c in chosen):
+            continue
+        chosen.append(point)
+        state.n_outside += int(outside)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
 @torch.no_grad()
 def count_objects(model, images, class_names, batch_size: int = 8, done_threshold: float = 0.5,
-                  max_count: int = MAX_COUNT, progress=None, mark_radii=None, protocol: str = "text") -> list[CountResult]:
+                  max_count: int = MAX_COUNT, progress=None, mark_radii=None, protocol: str = "text",
+                  points_per_step: int = 1, duplicate_guard: bool = True) -> list[CountResult]:
     """Count every image, several at once: each batch slot holds one image at its own step.
 
     When an image finishes, the next waiting image takes its slot, so batches stay full. Every image
@@ -112,6 +157,11 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
     gives per image the radius in pixels (`dataset_fsc147.mark_radius` of its exemplar boxes), None for
     the rule without boxes. The model sees the same points that are marked: clipped to the image, like
     the marks drawn in training.
+    points_per_step: points committed per forward (1: the model's chosen point; N > 1 or 0 for no limit: also
+    the other tokens it believes hold unmarked objects, well separated; their marks are all drawn before the
+    next forward). duplicate_guard: a point within a mark radius of a counted one is not counted; the next
+    candidate is taken instead, and an image whose candidates are all on counted objects stops
+    (`stopped_on_duplicates`) rather than running to max_count.
     """
     if len(images) != len(class_names):
         raise ValueError("images and class_names must have the same length")
@@ -119,6 +169,8 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "text" and mark_radii is not None:
         raise ValueError("the text-only protocol sizes marks from the model's own estimate: pass no mark_radii")
+    if points_per_step < 0:
+        raise ValueError(f"points_per_step must be >= 0 (0: no limit), got {points_per_step}")
     mark_radii = mark_radii if mark_radii is not None else [None] * len(images)
     model.eval()
     device = device_of(model)
@@ -129,14 +181,14 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
     while waiting or active:
         while waiting and len(active) < batch_size:
             active.append(waiting.pop())
-        inputs = model.build_inputs([draw_marks(s.image, s.pixels(), radius=s.radius) for s in active],
+        inputs = model.build_inputs([s.marked if s.marked is not None else s.image for s in active],
                                     [s.class_name for s in active])
         counted = [normalize_points(s.pixels(), *s.image.size) for s in active]
         out = model({k: v.to(device) for k, v in inputs.items()}, counted=counted)
-        probs = torch.sigmoid(out["done_logit"].float()).cpu().tolist()
-        xs, ys = out["x"].float().cpu().tolist(), out["y"].float().cpu().tolist()
+        out = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in out.items()}  # one copy, then per image
+        probs = torch.sigmoid(out["done_logit"].float()).tolist()
         still = []
-        for row, (state, p, x, y) in enumerate(zip(active, probs, xs, ys)):
+        for row, (state, p) in enumerate(zip(active, probs)):
             if state.radius is None:  # text-only protocol, first step: no marks drawn yet
                 state.object_size = estimated_object_size(out, row, *state.image.size)
                 state.radius = radius_for_size(state.object_size)
@@ -144,12 +196,18 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
             if p > done_threshold:
                 results[state.index] = _finish(state, capped=False)
             else:
-                state.add(x, y)
-                if len(state.points) >= max_count:
-                    results[state.index] = _finish(state, capped=True)
+                room = max_count - len(state.points)
+                limit = room if points_per_step == 0 else min(points_per_step, room)
+                chosen = choose_points(state, candidate_points(out, row), limit, duplicate_guard)
+                if not chosen:
+                    results[state.index] = _finish(state, capped=False, on_duplicates=True)
                 else:
-                    still.append(state)
-                    continue
+                    state.add(chosen)
+                    if len(state.points) >= max_count:
+                        results[state.index] = _finish(state, capped=True)
+                    else:
+                        still.append(state)
+                        continue
             if progress is not None:
                 progress.update(1)
         active = still
@@ -161,7 +219,8 @@ def points_json(result: CountResult, image_path: str, class_name: str) -> dict:
     return {"image": image_path, "class_name": class_name, "count": result.count,
             "points": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points],
             "steps": result.steps, "capped": result.capped, "n_outside": result.n_outside,
-            "n_duplicate": result.n_duplicate, "mark_radius": result.mark_radius,
+            "n_duplicate": result.n_duplicate, "stopped_on_duplicates": result.stopped_on_duplicates,
+            "mark_radius": result.mark_radius,
             "object_size": None if result.object_size is None else round(result.object_size, 2)}
 
 

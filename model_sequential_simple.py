@@ -279,8 +279,8 @@ class SimpleSequentialModel(nn.Module):
         # Offsets from the token centre in half-cells, by x_head / y_head on each token's state plus the query.
         offsets = torch.stack([self.x_head(tokens + feats[:, :1]), self.y_head(tokens + feats[:, 1:2])], -1)  # (B, N, 2)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        best = next_logits.argmax(1)  # (B,)
-        xy = token_xy[rows, best] + offsets[rows, best] * cell / 2  # (B, 2)
+        token_points = token_xy + offsets * cell.unsqueeze(1) / 2  # (B, N, 2): each token's refined point
+        xy = token_points[rows, next_logits.argmax(1)]  # (B, 2)
         evidence = object_logits.masked_fill(~token_mask, float("-inf")).max(1).values  # (B,)
         weight = torch.sigmoid(object_logits).masked_fill(~token_mask, 0.0)  # (B, N)
         log_size = (weight * token_log_sizes).sum(1) / weight.sum(1).clamp(min=1e-6)  # (B,)
@@ -288,7 +288,7 @@ class SimpleSequentialModel(nn.Module):
                 "done_logit": done_logit + self.done_evidence(evidence.unsqueeze(-1)).squeeze(-1),
                 "log_size": log_size, "token_log_sizes": token_log_sizes,
                 "next_logits": next_logits, "object_logits": object_logits, "offsets": offsets,
-                "token_xy": token_xy, "token_mask": token_mask, "cell": cell}
+                "token_points": token_points, "token_xy": token_xy, "token_mask": token_mask, "cell": cell}
 
     def forward(self, inputs: dict[str, torch.Tensor], counted=None) -> dict[str, torch.Tensor]:
         """inputs from `build_inputs` (on the model's device). `counted` is unused here."""

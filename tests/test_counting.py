@@ -51,7 +51,8 @@ class ScriptedModel(nn.Module):
 def test_loop_stops_on_done_and_refills_the_batch():
     images = [Image.new("RGB", (100 * k, 80)) for k in (3, 0, 5, 1, 2)]
     model = ScriptedModel()
-    results = count_objects(model, images, ["dots"] * 5, batch_size=2, max_count=50, protocol="exemplar")
+    results = count_objects(model, images, ["dots"] * 5, batch_size=2, max_count=50, protocol="exemplar",
+                            duplicate_guard=False)  # the same point every time
     assert [r.count for r in results] == [3, 0, 5, 1, 2]
     assert [r.steps for r in results] == [4, 1, 6, 2, 3]
     assert not any(r.capped for r in results)
@@ -63,20 +64,94 @@ def test_loop_stops_on_done_and_refills_the_batch():
 
 def test_loop_stops_at_the_cap_and_flags_duplicates_and_outside_points():
     image = Image.new("RGB", (900, 80))  # wants 9, capped at 4
-    result = count_objects(ScriptedModel(point=(1.5, 0.0)), [image], ["dots"], max_count=4, protocol="exemplar")[0]
+    result = count_objects(ScriptedModel(point=(1.5, 0.0)), [image], ["dots"], max_count=4, protocol="exemplar",
+                           duplicate_guard=False)[0]
     assert result.capped and result.count == 4 and result.steps == 4
     assert result.n_outside == 4  # x = 1.5 is right of the image
     assert result.n_duplicate == 3  # the same point four times: three land on an earlier one
 
 
+def test_a_model_that_keeps_pointing_at_one_object_stops_through_the_guard():
+    image = Image.new("RGB", (4000, 80))  # wants 40 marks before it says done, and always points at one place
+    result = count_objects(ScriptedModel(point=(0.2, 0.0)), [image], ["dots"], max_count=4000, protocol="exemplar")[0]
+    # The second step points on the first (counted) point: not counted, no other candidate, so the image stops.
+    assert result.count == 1 and result.steps == 2 and not result.capped
+    assert result.stopped_on_duplicates and result.n_duplicate == 1
+    np.testing.assert_allclose(result.points, [[2400, 40]])
+    # Without the guard the same model runs to the cap, one point (and one forward) per step.
+    unguarded = count_objects(ScriptedModel(point=(0.2, 0.0)), [image], ["dots"], max_count=30, protocol="exemplar",
+                              duplicate_guard=False)[0]
+    assert unguarded.count == 30 and unguarded.steps == 30 and unguarded.capped and unguarded.n_duplicate == 29
+
+
 def test_points_off_the_image_are_marked_and_fed_back_at_its_edge():
     image = Image.new("RGB", (300, 80))  # wants 3
     model = ScriptedModel(point=(1.5, -1.2))
-    result = count_objects(model, [image], ["dots"], max_count=10, protocol="exemplar")[0]
+    result = count_objects(model, [image], ["dots"], max_count=10, protocol="exemplar", duplicate_guard=False)[0]
     assert result.count == 3 and result.n_outside == 3
     # Recorded clipped to the image (x = W - 1, y = 0), and the model was given exactly those points.
     np.testing.assert_allclose(result.points, [[299, 0]] * 3)
     np.testing.assert_allclose(model.counted_seen[0], [[2 * 299 / 300 - 1, -1.0]] * 3, atol=1e-6)
+
+
+class TokenScriptedModel(ScriptedModel):
+    """A token-pointing stand-in: the same candidates at every step (its chosen point, then the other tokens'
+    points with their "object here" and "next object" logits), done once `want` points are counted. Keeps the
+    images it was given."""
+
+    def __init__(self, points, object_logits, next_logits, want):
+        super().__init__(point=points[0])
+        self.points, self.want, self.images_seen = torch.tensor([points]), want, []
+        self.object_logits, self.next_logits = torch.tensor([object_logits]), torch.tensor([next_logits])
+
+    def build_inputs(self, images, class_names):
+        self.images_seen += [np.asarray(im) for im in images]
+        return {"want": torch.tensor([self.want] * len(images))}
+
+    def forward(self, inputs, counted=None):
+        out = super().forward(inputs, counted)
+        n = len(counted)
+        return {**out, "token_points": self.points.expand(n, -1, -1), "object_logits": self.object_logits.expand(n, -1),
+                "next_logits": self.next_logits.expand(n, -1), "token_mask": torch.ones(n, self.points.shape[1], dtype=bool)}
+
+
+# Normalised candidates on a 400 x 300 image (mark radius 8 px with exemplar radius 8): the chosen point, then
+# three more objects, a point 5 px from the first (one object seen from two tokens), and a token the model does not
+# believe holds an object (logit -3).
+CANDIDATES = [(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5), (-0.475, -0.5), (0.0, 0.0)]
+OBJECT_LOGITS = [4.0, 3.0, 2.0, 1.0, 2.5, -3.0]
+NEXT_LOGITS = [9.0, 8.0, 7.0, 6.0, 7.5, 0.0]
+PIXELS = [[100, 75], [300, 75], [100, 225], [300, 225]]
+
+
+def test_several_points_per_step_marks_exactly_the_points_it_commits():
+    image = Image.new("RGB", (400, 300), (40, 60, 80))
+    model = TokenScriptedModel(CANDIDATES, OBJECT_LOGITS, NEXT_LOGITS, want=4)
+    result = count_objects(model, [image], ["dots"], protocol="exemplar", mark_radii=[8], points_per_step=0)[0]
+    # One forward commits the four separated objects (not the near-copy of the first, nor the token without an
+    # object), the second says done: 2 forwards for 4 objects.
+    assert result.count == 4 and result.steps == 2 and result.n_duplicate == 0
+    np.testing.assert_allclose(result.points, PIXELS)
+    # The second forward saw exactly those four marks, numbered 1 to 4, and nothing else.
+    assert np.array_equal(model.images_seen[1], np.asarray(draw_marks(image, PIXELS, radius=8)))
+    assert not np.array_equal(model.images_seen[1], np.asarray(draw_marks(image, PIXELS[:3], radius=8)))
+
+
+def test_points_per_step_limits_each_forward_and_skips_counted_objects():
+    image = Image.new("RGB", (400, 300), (40, 60, 80))
+    model = TokenScriptedModel(CANDIDATES, OBJECT_LOGITS, NEXT_LOGITS, want=4)
+    result = count_objects(model, [image], ["dots"], protocol="exemplar", mark_radii=[8], points_per_step=2)[0]
+    # Step 1: the first two. Step 2: the same candidates, the first two now on counted objects (the chosen one is a
+    # duplicate), so the next two. Step 3: done.
+    assert result.count == 4 and result.steps == 3 and result.n_duplicate == 1 and not result.stopped_on_duplicates
+    np.testing.assert_allclose(result.points, PIXELS)
+    assert np.array_equal(model.images_seen[1], np.asarray(draw_marks(image, PIXELS[:2], radius=8)))
+    assert np.array_equal(model.images_seen[2], np.asarray(draw_marks(image, PIXELS, radius=8)))
+    # One point per step with the guard: a chosen point on a counted object gives way to the model's next choice.
+    one = count_objects(TokenScriptedModel(CANDIDATES, OBJECT_LOGITS, NEXT_LOGITS, want=4), [image], ["dots"],
+                        protocol="exemplar", mark_radii=[8])[0]
+    assert one.count == 4 and one.steps == 5 and one.n_duplicate == 3
+    np.testing.assert_allclose(one.points, PIXELS)
 
 
 class MarkReadingModel(ScriptedModel):
@@ -161,7 +236,48 @@ def test_summary_metrics_by_hand():
     p, r = 8 / 15, 8 / 11
     assert s["f1"] == pytest.approx(2 * p * r / (p + r))
     assert s["n_capped"] == 1 and s["images_per_s"] == pytest.approx(1.5)
+    assert "says_total" not in s  # no image lists every object
 
+
+def test_says_total_counts_images_answered_with_every_object():
+    records = [
+        {"pred_count": 7, "gt_count": 3, "all_count": 7, "n_matched": 3, "capped": False},  # counted both classes
+        {"pred_count": 3, "gt_count": 3, "all_count": 9, "n_matched": 3, "capped": False},  # counted the class
+        {"pred_count": 5, "gt_count": 2, "all_count": 4, "n_matched": 2, "capped": False},  # neither
+        {"pred_count": 4, "gt_count": 4, "all_count": None, "n_matched": 4, "capped": False},  # no all_points
+    ]
+    s = summarize(records, elapsed_s=1.0)
+    assert s["says_total"] == pytest.approx(1 / 3) and s["n_with_all_points"] == 3
+
+
+def test_text_protocol_sizes_marks_from_the_model_estimate():
+    class SizingModel(ScriptedModel):
+        def build_inputs(self, images, class_names):
+            self.images_seen = getattr(self, "images_seen", []) + [np.asarray(im) for im in images]
+            return super().build_inputs(images, class_names)
+
+        def forward(self, inputs, counted=None):
+            out = super().forward(inputs, counted)
+            return {**out, "log_size": torch.full((len(counted),), math.log(0.2))}
+
+    # 400 x 300 image, cell 0.5 of 2 normalised units: a token is 100 x 75 px, 87.5 on average; objects of
+    # 0.2 tokens are 17.5 px, and marks 0.35 of that: round(6.125) = 6 px.
+    image = Image.new("RGB", (400, 300), (40, 60, 80))
+    model = SizingModel(point=(0.0, 0.0))
+    result = count_objects(model, [image], ["dots"], max_count=10, protocol="text", duplicate_guard=False)[0]
+    assert result.count == 4 and result.object_size == pytest.approx(17.5) and result.mark_radius == 6
+    assert result.n_duplicate == 3  # the same point four times, within a 6 px mark
+    # The second step's image carries the first point's mark, drawn at that radius.
+    assert np.array_equal(model.images_seen[1], np.asarray(draw_marks(image, result.points[:1], radius=6)))
+    with pytest.raises(ValueError, match="no mark_radii"):
+        count_objects(model, [image], ["dots"], mark_radii=[5], protocol="text")
+
+    class Unsized(ScriptedModel):
+        def forward(self, inputs, counted=None):
+            return {k: v for k, v in super().forward(inputs, counted).items() if k != "log_size"}
+
+    with pytest.raises(ValueError, match="protocol 'exemplar'"):
+        count_objects(Unsized(), [image], ["dots"], protocol="text")
 
 def test_evaluate_writes_results_json(trained_run, synth_root, tmp_path, capsys):
     out = str(tmp_path / "eval")
