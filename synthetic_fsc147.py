@@ -256,9 +256,9 @@ def _place(rng, width, height, radius, count, placed, gap) -> list:
 def synth_scene(rng: np.random.Generator, cfg: SynthConfig, cls: SynthClass, pool: list[SynthClass] = ()) -> Scene:
     """One image: N objects of `cls` and, with --distractors, objects of 1..K other classes from `pool`.
 
-    Object size follows the number of objects in the image (all classes), so a crowded image has small
-    objects and a sparse one large; distractors are the same size as the named objects. The named
-    objects are placed first, so their count is what was drawn unless the image is full.
+    Object size follows the number of named objects, so a crowded image has small objects and a sparse one
+    large; distractors are the same size. The named objects are placed first, so their count is what was
+    drawn unless the image is full; a distractor that finds no room is left out (and out of all_points).
     """
     name, shape, colour = cls
     width = int(rng.integers(cfg.min_width, cfg.max_width + 1))
@@ -275,9 +275,10 @@ def synth_scene(rng: np.random.Generator, cfg: SynthConfig, cls: SynthClass, poo
     else:
         image = _textured_background(rng, width, height)
     num = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    total = num + sum(other_counts)
-    # Fewer objects -> larger objects, as photos of a few things are taken closer up.
-    area_per_object = width * height / max(total, 1)
+    # Fewer objects -> larger objects, as photos of a few things are taken closer up. The size follows the named
+    # class's count (the one-class generator's rule, objects about a token wide at 224 px for up to 10);
+    # distractors take the same size and are left out where the image has no room for them.
+    area_per_object = width * height / max(num, 1)
     r_max = min(0.22 * min(width, height), 0.3 * math.sqrt(area_per_object))
     radius = cfg.size_scale * float(rng.uniform(max(6.0, 0.6 * r_max), max(7.0, r_max)))
     named = _place(rng, width, height, radius, num, [], cfg.min_gap)
