@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from cli import UsageError, arg, parse_config, write_json_atomic
-from count_objects import PROTOCOLS
+from count_objects import PROTOCOLS, CountSettings
 from dataset_fsc147 import FSC147Dataset, write_synthetic_fsc147
 from synthetic_fsc147 import SynthConfig, validate_synth
 from train_sequential_attention import TrainConfig
@@ -272,8 +272,8 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
     val = FSC147Dataset(data_root, "val")
     rows = []
     for protocol in parse_variants(cfg.protocol):
-        count = lambda ds, t, bar: count_dataset(model, ds, batch_size=8, done_threshold=t, max_count=cfg.max_count,
-                                                 max_images=cfg.test_images, progress=bar, protocol=protocol)
+        count = lambda ds, t, bar: count_dataset(model, ds, CountSettings(8, t, cfg.max_count, protocol),
+                                                 max_images=cfg.test_images, progress=bar)
         threshold, val_maes = cfg.done_threshold, {}
         if cfg.tune_threshold:  # calibrated on val, never on test
             val_maes = {t: count(val, t, False)[1]["mae"] for t in parse_thresholds(cfg.tune_threshold)}

@@ -37,6 +37,36 @@ PROTOCOLS = ("text", "exemplar")  # where the mark size comes from: the model's 
 
 
 @dataclass
+class CountSettings:
+    """How the counting loop runs: `count_objects`'s keyword arguments, shared by the scripts that count."""
+
+    batch_size: int = 8  # images counted at once, each at its own step
+    done_threshold: float = 0.5  # stop an image when sigmoid(done) exceeds this
+    max_count: int = MAX_COUNT  # stop an image after this many points (capped)
+    protocol: str = "text"  # text (marks sized by the model's estimate) or exemplar (by the given radii)
+    points_per_step: int = 1  # points committed per forward (0: every confident, well-separated one)
+    duplicate_guard: bool = True  # points on counted objects are not counted; the loop re-chooses or stops
+
+
+def parse_points_per_step(text: str) -> int:
+    """--points_per_step: a positive number, or "auto" (0: every confident, well-separated point)."""
+    if str(text).strip().lower() == "auto":
+        return 0
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"--points_per_step must be a positive number or auto, got {text!r}")
+    return value
+
+
+def points_per_step_errors(text: str) -> list[str]:
+    try:
+        parse_points_per_step(text)
+        return []
+    except ValueError:
+        return [f"--points_per_step must be a positive number or auto, got {text!r}"]
+
+
+@dataclass
 class CountResult:
     """What the counting loop found in one image."""
 

@@ -183,6 +183,7 @@ class FSC147Dataset(torch.utils.data.Dataset):
         if split not in splits:
             raise UsageError(f"{os.path.join(root, SPLIT_FILE)}: no split {split!r} (has {sorted(splits)})")
 
+        self.num_listed = len(splits[split])  # images the split file lists, usable or not
         self.skipped: dict[str, list[str]] = {}
         self.load_failures: dict[str, str] = {}  # id -> reason, for images that failed when loaded here
         self.entries: list[dict] = []

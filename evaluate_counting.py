@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from count_objects import MAX_COUNT, PROTOCOLS, CountResult, count_objects
+from count_objects import (MAX_COUNT, PROTOCOLS, CountResult, CountSettings, count_objects, parse_points_per_step,
+                           points_per_step_errors)
 from cli import UsageError, arg, parse_config, write_json_atomic
 from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size
 from model_loading import load_checkpoint
@@ -52,6 +53,11 @@ class EvalConfig:
     done_threshold: float = arg(0.5, "stop counting an image when sigmoid(done) exceeds this")
     max_count: int = arg(MAX_COUNT, "stop counting an image after this many points (reported as capped); the default "
                          "covers FSC-147's densest image (3,731 objects)")
+    points_per_step: str = arg("1", "points committed per forward: 1 (the model's chosen point), N, or auto (every "
+                               "token it believes holds an unmarked object, well separated); forwards_per_image in "
+                               "results.json says what it cost")
+    duplicate_guard: bool = arg(True, "a point within a mark radius of a counted one is not counted: the loop takes "
+                                "the model's next candidate or stops the image (stopped_on_duplicates)")
     max_images: int = arg(0, "count only N images of the split, a fixed sample spread over its classes (0: all)")
     match_radius: float = arg(0.0, "localisation match radius in pixels (0: half the image's mean exemplar box size)")
     save_overlays: int = arg(0, "write PNGs of the first K images: predicted marks | ground-truth dots")
@@ -66,6 +72,7 @@ def validate_eval_config(cfg: EvalConfig) -> list[str]:
         errors.append("--done_threshold must be in (0, 1)")
     if cfg.protocol not in PROTOCOLS:
         errors.append(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+    errors += points_per_step_errors(cfg.points_per_step)
     if cfg.max_images < 0 or cfg.save_overlays < 0 or cfg.match_radius < 0:
         errors.append("--max_images, --save_overlays and --match_radius must be >= 0")
     return errors
@@ -114,6 +121,10 @@ def summarize(records: list[dict], elapsed_s: float) -> dict:
         "recall": float(recall),
         "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
         "n_capped": int(sum(r["capped"] for r in records)),
+        "n_stopped_on_duplicates": int(sum(r.get("stopped_on_duplicates", False) for r in records)),
+        "mean_gt": float(gt.mean()),
+        "within_1": float(np.mean(np.abs(err) <= 1)),
+        "forwards_per_image": float(np.mean([r.get("steps", 0) for r in records])),
         "images_per_s": len(records) / elapsed_s if elapsed_s > 0 else float("nan"),
         **says_total(records), **size_error(records),
     }
@@ -167,7 +178,8 @@ def image_record(sample, result: CountResult, radius: float) -> dict:
         "all_count": None if sample.all_points is None else int(len(sample.all_points)),
         "points": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points],
         "steps": result.steps, "capped": result.capped, "n_outside": result.n_outside,
-        "n_duplicate": result.n_duplicate, "match_radius": round(radius, 2),
+        "n_duplicate": result.n_duplicate, "stopped_on_duplicates": result.stopped_on_duplicates,
+        "match_radius": round(radius, 2),
         "n_matched": match_points(result.points, sample.points, radius),
         "mark_radius": result.mark_radius,
         "object_size": None if result.object_size is None else round(result.object_size, 2),
@@ -193,19 +205,21 @@ def overlay(sample, result: CountResult) -> Image.Image:
     return canvas
 
 
-def count_dataset(model, dataset, batch_size: int, done_threshold: float, max_count: int,
-                  max_images: int = 0, match_radius: float = 0.0, progress: bool = True, indices=None,
-                  protocol: str = "text"):
-    """Count the images of a dataset: all, `max_images` of them spread over the classes, or `indices`,
-    under `protocol` (text: marks sized by the model; exemplar: by each image's exemplar boxes).
+def count_dataset(model, dataset, settings: CountSettings, max_images: int = 0, match_radius: float = 0.0,
+                  progress: bool = True, indices=None):
+    """Count the images of a dataset: all, `max_images` of them spread over the classes, or `indices`, with
+    the counting loop's `settings` (protocol text: marks sized by the model; exemplar: by each image's
+    exemplar boxes).
 
     Returns (records, summary, samples, results); the summary is empty when there is nothing to count
-    (a process's empty slice).
+    (a process's empty slice). summary["complete"] says whether every image asked for was counted
+    (the whole split unless max_images or indices): a published MAE must be over all of them.
     """
     from tqdm.auto import tqdm
 
+    asked = dataset.subset_indices(max_images) if indices is None else list(indices)
     samples, skipped = [], 0
-    for i in dataset.subset_indices(max_images) if indices is None else indices:
+    for i in asked:
         sample = dataset[i]
         if sample is None:
             skipped += 1  # unreadable image: dataset logged it; counted here
@@ -217,16 +231,28 @@ def count_dataset(model, dataset, batch_size: int, done_threshold: float, max_co
         raise UsageError(f"no readable images to count ({skipped} skipped)")
     bar = tqdm(total=len(samples), desc="counting", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    radii = [mark_radius(*s.image.size, s.boxes) for s in samples] if protocol == "exemplar" else None
-    results = count_objects(model, [s.image for s in samples], [s.class_name for s in samples], batch_size,
-                            done_threshold, max_count, progress=bar, mark_radii=radii, protocol=protocol)
+    radii = [mark_radius(*s.image.size, s.boxes) for s in samples] if settings.protocol == "exemplar" else None
+    results = count_objects(model, [s.image for s in samples], [s.class_name for s in samples], progress=bar,
+                            mark_radii=radii, **asdict(settings))
     elapsed = time.perf_counter() - start
     bar.close()
     records = [image_record(s, r, match_radius or default_radius(s.boxes, *s.image.size))
                for s, r in zip(samples, results)]
-    summary = {"protocol": protocol, **summarize(records, elapsed)}
-    summary["n_skipped"] = skipped + dataset.num_skipped
+    whole_split = indices is None and not max_images
+    listed = dataset.num_listed if whole_split else len(asked)
+    summary = {"protocol": settings.protocol, "points_per_step": settings.points_per_step or "auto",
+               **summarize(records, elapsed), "n_skipped": skipped + (dataset.num_skipped if whole_split else 0),
+               "n_listed": listed, "complete": len(records) == listed}
     return records, summary, samples, results
+
+
+def incomplete_warning(summary: dict, split: str) -> str:
+    """The line printed when some listed images were not counted, or "" when all were."""
+    if summary.get("complete", True):
+        return ""
+    return (f"WARNING: counted {summary['n_images']} of the {summary['n_listed']} images listed in split {split!r} "
+            f"({summary['n_listed'] - summary['n_images']} unreadable or unusable, see the log): these metrics are "
+            "not over the whole split and do not compare with published results on it")
 
 
 def print_summary(summary: dict, split: str) -> None:
@@ -234,7 +260,9 @@ def print_summary(summary: dict, split: str) -> None:
             ("RMSE", f"{summary['rmse']:.3f}"),
             ("NAE", f"{summary['nae']:.3f}"), ("precision", f"{summary['precision']:.3f}"),
             ("recall", f"{summary['recall']:.3f}"), ("F1", f"{summary['f1']:.3f}"),
-            ("capped", f"{summary['n_capped']}"), ("skipped", f"{summary['n_skipped']}"),
+            ("capped", f"{summary['n_capped']}"), ("stopped on duplicates", f"{summary['n_stopped_on_duplicates']}"),
+            ("within 1", f"{summary['within_1']:.3f}"), ("forwards per image", f"{summary['forwards_per_image']:.2f}"),
+            ("skipped", f"{summary['n_skipped']}"), ("counted / listed", f"{summary['n_images']} / {summary['n_listed']}"),
             ("images/s", f"{summary['images_per_s']:.2f}")]
     if "says_total" in summary:
         rows.append(("says_total", f"{summary['says_total']:.3f}"))
@@ -246,6 +274,8 @@ def print_summary(summary: dict, split: str) -> None:
     print(f"\n{split} split")
     for name, value in rows:
         print(f"  {name:25s} {value:>10s}")
+    if incomplete_warning(summary, split):
+        print("  " + incomplete_warning(summary, split))
 
 
 def main(argv=None) -> int:
@@ -253,9 +283,9 @@ def main(argv=None) -> int:
     try:
         dataset = FSC147Dataset(cfg.data_root, cfg.split)
         model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device)
-        records, summary, samples, results = count_dataset(
-            model, dataset, cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.max_images, cfg.match_radius,
-            protocol=cfg.protocol)
+        settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol,
+                                 parse_points_per_step(cfg.points_per_step), cfg.duplicate_guard)
+        records, summary, samples, results = count_dataset(model, dataset, settings, cfg.max_images, cfg.match_radius)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

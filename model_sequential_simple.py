@@ -401,7 +401,7 @@ def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: 
     Token pointing adds, in both modes, the dense "unmarked object here" BCE over the `remaining`
     (uncounted) objects, times OBJECT_MAP_WEIGHT. With `object_sizes` (B,) and `image_sizes` (B, 2), every
     step also trains the object-size estimate (`size_loss`). `parts`, if given, receives each term and the
-    (x, y) MSE as floats, for logging.
+    (x, y) MSE as detached tensors, for logging (the caller reads them with one host sync).
     """
     token = "next_logits" in outputs
     terms = {}
@@ -416,7 +416,7 @@ def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: 
     if object_sizes is not None:
         terms["size_mse"] = size_loss(outputs, object_sizes, image_sizes, remaining)
     if parts is not None:
-        parts.update({k: float(v.detach()) for k, v in terms.items()})
+        parts.update({k: v.detach() for k, v in terms.items()})
         if mode == "reg" and "xy_mse" not in parts:
-            parts["xy_mse"] = float(xy_mse(outputs, targets, target_mask).detach())
+            parts["xy_mse"] = xy_mse(outputs, targets, target_mask).detach()
     return sum(terms.values())

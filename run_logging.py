@@ -71,13 +71,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def grad_norms(model) -> dict[str, float]:
-    """L2 norm of the gradient of each module group (0.0 when it got none)."""
-    norms = {}
+def grad_norm_tensor(model) -> tuple[list[str], torch.Tensor]:
+    """The module groups' names and the L2 norms of their gradients as one tensor (0 for a group with no
+    gradient), computed on the device without reading anything back to the host."""
+    names, norms = [], []
     for name, params in model.module_groups().items():
-        sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in params if p.grad is not None)
-        norms[name] = math.sqrt(sq)
-    return norms
+        grads = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+        names.append(name)
+        norms.append(torch.stack(grads).sum().sqrt() if grads else None)
+    device = next((n.device for n in norms if n is not None), torch.device("cpu"))
+    return names, torch.stack([n if n is not None else torch.zeros((), device=device) for n in norms])
+
+
+def grad_norms(model) -> dict[str, float]:
+    """L2 norm of the gradient of each module group (0.0 when it got none), with one host sync for all of them."""
+    names, norms = grad_norm_tensor(model)
+    return dict(zip(names, norms.tolist()))
 
 
 def grad_verdict(norm: float) -> str:

@@ -37,14 +37,15 @@ import numpy as np
 import torch
 
 from cli import UsageError, arg, parse_config, write_json_atomic
-from count_objects import PROTOCOLS
+from count_objects import PROTOCOLS, CountSettings
 from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImages, collate_samples, prepare_batch
 from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
                            save_checkpoint, validate_model_config)
 from model_sequential_simple import compute_loss
 from parallel import (any_rank, average_gradients, barrier, gather_to_rank0, init_distributed, install_stop_handlers,
                       mean_over_processes, rank_and_world, sum_over_processes, sync_parameters)
-from run_logging import MetricsLogger, grad_norms, log_overlays, peak_memory_mb, print_grad_check, print_run_summary
+from run_logging import (MetricsLogger, grad_norm_tensor, log_overlays, peak_memory_mb, print_grad_check,
+                         print_run_summary)
 
 logger = logging.getLogger("train")
 
@@ -229,16 +230,19 @@ def batch_loss(model, batch, device, parts: dict | None = None) -> tuple[torch.T
 
 
 def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: list, mode: str) -> dict:
-    """One optimizer step over `micro_batches` (all of one mode). Returns loss, its terms and grad norms."""
+    """One optimizer step over `micro_batches` (all of one mode). Returns loss, its terms and grad norms.
+
+    Losses, terms and norms stay on the device until one read at the end (one host sync per step, plus the
+    collectives with several processes)."""
     device = device_of(model)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    total_loss, n_states, terms = 0.0, 0, {}
+    total_loss, n_states, terms = torch.zeros((), device=device), 0, {}
     for batch in micro_batches:
         parts = {}
         loss, _ = batch_loss(model, batch, device, parts)
         (loss / len(micro_batches)).backward()
-        total_loss += float(loss.detach()) / len(micro_batches)
+        total_loss = total_loss + loss.detach() / len(micro_batches)
         for k, v in parts.items():
             terms[k] = terms.get(k, 0.0) + v / len(micro_batches)
         n_states += len(batch)
@@ -247,8 +251,13 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
     if world > 1:
         average_gradients(params)
         total_loss, n_states = mean_over_processes(device, total_loss), n_states * world
-    norms = grad_norms(model)  # before clipping: what the loss actually sent to each module
-    total = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+    names, norms = grad_norm_tensor(model)  # before clipping: what the loss actually sent to each module
+    total = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    scalars = [torch.as_tensor(total_loss, device=device), total, *terms.values(), *norms]
+    values = torch.stack([v.float() for v in scalars]).tolist()  # the step's one read back to the host
+    total_loss, total = values[0], values[1]
+    terms = dict(zip(terms, values[2:2 + len(terms)]))
+    norms = dict(zip(names, values[2 + len(terms):]))
     finite = math.isfinite(total_loss) and math.isfinite(total)
     if finite:
         optimizer.step()
@@ -296,8 +305,8 @@ def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
     rank, world = rank_and_world()
     mine = val_ds.subset_indices(cfg.eval_images)[rank::world]
     start = time.perf_counter()
-    records, _, samples, results = count_dataset(model, val_ds, cfg.batch_size, cfg.done_threshold, cfg.max_count,
-                                                 indices=mine, progress=False, protocol=cfg.protocol)
+    settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol)
+    records, _, samples, results = count_dataset(model, val_ds, settings, indices=mine, progress=False)
     records = gather_to_rank0(records)
     model.train()
     if rank != 0:

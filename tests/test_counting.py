@@ -316,6 +316,13 @@ def test_evaluate_skips_unreadable_images_and_rejects_empty_splits(trained_run, 
     assert eval_mod.main(["--checkpoint", ckpt, "--data_root", root, "--output_dir", out, "--max_count", "2"]) == 0
     summary = json.load(open(os.path.join(out, "results.json")))["summary"]
     assert summary["n_images"] == 5 and summary["n_skipped"] == 1
+    # Not the whole split: said in results.json and printed, so the MAE is not taken for the split's.
+    assert summary["n_listed"] == 6 and summary["complete"] is False
+    assert "WARNING: counted 5 of the 6 images listed in split 'val'" in capsys.readouterr().out
+    assert eval_mod.main(["--checkpoint", ckpt, "--data_root", synth_root, "--output_dir", out, "--max_count", "2"]) == 0
+    summary = json.load(open(os.path.join(out, "results.json")))["summary"]
+    assert summary["n_listed"] == summary["n_images"] == 6 and summary["complete"] is True
+    assert "WARNING" not in capsys.readouterr().out
     splits["val"] = []
     json.dump(splits, open(os.path.join(root, SPLIT_FILE), "w"))
     assert eval_mod.main(["--checkpoint", ckpt, "--data_root", root, "--output_dir", out]) == 2
