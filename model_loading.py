@@ -26,6 +26,7 @@ DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 HEADS_FILE = "heads.safetensors"
 BACKBONE_FILE = "backbone_trained.safetensors"  # backbone weights trained outside LoRA (full fine-tuning)
 FINETUNE_MODES = ("lora", "full")
+PRECISIONS = ("auto", "bf16", "fp32")
 STATE_FILE = "training_state.pt"
 MODEL_TYPES = ("simple", "attention")
 
@@ -48,7 +49,10 @@ class ModelConfig:
                                "causal language model)")
     class_binding: str = arg("add", "with --pointing token, how the class query meets each image token: add "
                              "(added, then GELU) or film (the query also scales the token's features)")
-    load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation; bf16 compute on GPU, fp32 on CPU) + LoRA (QLoRA)")
+    load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation) + LoRA (QLoRA)")
+    precision: str = arg("auto", "compute dtype of the backbone: auto (bf16 on GPU, fp32 on CPU, where bf16 matmuls "
+                         "are emulated and 4x slower), bf16 or fp32. Heads, LoRA and weights that train in full keep "
+                         "fp32 master copies; frozen weights are stored in the compute dtype")
     quantize_vision: bool = arg(False, "with --load_in_4bit, quantise the vision tower too (by default it stays in "
                                 "bf16 on GPU / fp32 on CPU: quantising a 2B model's vision tower is a known cause "
                                 "of badly degraded perception)")
@@ -77,6 +81,8 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         errors.append(f"--prompt_position must be one of {PROMPT_POSITIONS}, got {cfg.prompt_position!r}")
     if cfg.class_binding not in CLASS_BINDINGS:
         errors.append(f"--class_binding must be one of {CLASS_BINDINGS}, got {cfg.class_binding!r}")
+    if cfg.precision not in PRECISIONS:
+        errors.append(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.finetune not in FINETUNE_MODES:
         errors.append(f"--finetune must be one of {FINETUNE_MODES}, got {cfg.finetune!r}")
     elif cfg.finetune == "full" and cfg.load_in_4bit:
@@ -133,7 +139,44 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     torch.cuda.set_device(device)
+    configure_cuda_math()
     return device
+
+
+def configure_cuda_math() -> None:
+    """TF32 for the matmuls that stay in fp32 on a GPU (the heads, the attention modules): ~8x the fp32 rate
+    on Ampere and later, at a 10-bit mantissa for the products (cuDNN convolutions use TF32 by default)."""
+    torch.set_float32_matmul_precision("high")
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype the backbone computes in: --precision, where auto is bf16 on CUDA and fp32 on CPU."""
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
+
+
+def backbone_load_kwargs(cfg: ModelConfig, device: torch.device) -> dict:
+    """from_pretrained's arguments: SDPA attention, the storage dtype and, with --load_in_4bit, NF4.
+
+    Frozen weights are stored in the compute dtype (bf16 halves the vision tower's 665 M parameters on a GPU).
+    Weights that train in full (--finetune full) are stored in fp32, the optimizer's master copy: AdamW steps of
+    ~3e-4 are below bf16's resolution for weights near 0.05, and a LayerNorm weight near 1.0 (resolution 7.8e-3)
+    would never move; autocast still computes in the compute dtype.
+    """
+    dtype = compute_dtype(cfg, device)
+    kwargs = {"attn_implementation": "sdpa", "dtype": torch.float32 if cfg.finetune == "full" else dtype}
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # The modules left in `dtype`: the vision tower (unless --quantize_vision) and the LM head.
+            # transformers 5 matches these from the start of a module's name ("model.visual.blocks.0...").
+            llm_int8_skip_modules=["lm_head"] + ([] if cfg.quantize_vision else ["model.visual", "visual"]))
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    return kwargs
 
 
 def load_processor(path: str, cfg: ModelConfig):
@@ -155,45 +198,34 @@ def load_processor(path: str, cfg: ModelConfig):
 
 
 def load_backbone(cfg: ModelConfig, device: torch.device):
-    """Qwen2-VL from the hub or a folder, optionally 4-bit NF4 prepared for k-bit training."""
-    from transformers import BitsAndBytesConfig, Qwen2VLForConditionalGeneration
+    """Qwen2-VL from the hub or a folder, optionally 4-bit NF4, frozen (LoRA or full fine-tuning unfreezes).
 
-    kwargs = {}
-    if cfg.load_in_4bit:
-        # bf16 matmuls on a CPU without AVX-512 BF16 are emulated: fp32 compute ran the tiny model 4x faster.
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # The modules left in `dtype`: the vision tower (unless --quantize_vision) and the LM head.
-            # transformers 5 matches these from the start of a module's name ("model.visual.blocks.0...").
-            llm_int8_skip_modules=["lm_head"] + ([] if cfg.quantize_vision else ["model.visual", "visual"]))
-        kwargs["dtype"] = dtype
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    else:
-        kwargs["dtype"] = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peft's prepare_model_for_kbit_training is not used: it casts every weight that is not 4-bit to fp32 (the
+    whole vision tower, embeddings, norms), and Linear4bit returns its input's dtype, so the hidden states
+    and every matmul outside the 4-bit layers would run in fp32 on a GPU too.
+    """
+    from transformers import Qwen2VLForConditionalGeneration
+
     try:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.model_name_or_path, **kwargs)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.model_name_or_path, **backbone_load_kwargs(cfg, device))
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load a Qwen2-VL model from {cfg.model_name_or_path!r}: not a local model "
                          f"folder and not reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if cfg.load_in_4bit:
         import bitsandbytes as bnb
-        from peft import prepare_model_for_kbit_training
 
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 # bitsandbytes repacks 4-bit weights for CPU inference the first time a layer runs in
                 # eval mode without grad, and that packed form then breaks backward: keep one format.
                 module.support_avx512bf16_for_cpu = False
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         model = model.to(device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if device.type == "cpu":
         use_matmul_patch_embedding(model)
     return model
@@ -239,6 +271,7 @@ def build_model(cfg: ModelConfig, checkpoint: str | None = None, trainable: bool
     for name, module in model.named_children():
         if name != "backbone":  # the backbone is already placed (4-bit needs device_map)
             module.to(device)
+    model.compute_dtype = compute_dtype(cfg, device)  # the backbone's forward runs under autocast to it
     return model
 
 

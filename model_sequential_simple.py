@@ -150,6 +150,7 @@ class SimpleSequentialModel(nn.Module):
         if prompt_position not in PROMPT_POSITIONS:
             raise ValueError(f"prompt_position must be one of {PROMPT_POSITIONS}, got {prompt_position!r}")
         self.prompt_position = prompt_position
+        self.compute_dtype = torch.float32  # the backbone's autocast dtype (bf16 on GPU: set by build_model)
         self.backbone = backbone  # PeftModel (LoRA) around Qwen2VLForConditionalGeneration, or the bare model
         self.processor = processor
         self.pointing = pointing
@@ -205,9 +206,15 @@ class SimpleSequentialModel(nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states of the VLM: (B, T, H). Skips the LM head (no vocab-sized logits)."""
+        """Last hidden states of the VLM: (B, T, H), in the compute dtype. Skips the LM head (no vocab-sized logits).
+
+        The backbone runs under autocast to `compute_dtype` (bf16 on GPU): its matmuls and attention in bf16,
+        norms in fp32 as autocast keeps them; the heads read the states cast to fp32, outside autocast.
+        """
         base = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-        return base.model(**inputs, use_cache=False).last_hidden_state
+        device_type = inputs["input_ids"].device.type
+        with torch.autocast(device_type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            return base.model(**inputs, use_cache=False).last_hidden_state
 
     def token_features(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states at <x>, <y>, <done>: (B, 3, H) in float32."""
