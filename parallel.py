@@ -10,21 +10,33 @@ device of each tensor sent.
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessFailure(Exception):
+    """A process failed; every process raises this, with every failing process's message, at the same point."""
 
 
 def init_distributed(device: str) -> tuple[int, int]:
     """Join the process group that `accelerate launch` (or torchrun) describes in the environment.
 
     `device` is the config's --device. Returns (rank, world size); (0, 1) when started as a single process.
+    With NCCL the group is bound to this process's GPU (device_id), so it knows its device from the start
+    instead of guessing it at the first collective.
     """
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        gpu = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if gpu else "gloo")
+        if device != "cpu" and torch.cuda.is_available():
+            dist.init_process_group("nccl", device_id=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+        else:
+            dist.init_process_group("gloo")
     return rank_and_world()
 
 
@@ -80,6 +92,49 @@ def gather_to_rank0(items: list) -> list:
     return [x for part in gathered for x in part] if rank == 0 else []
 
 
+def describe_failure(error: BaseException, oom_hint: str = "") -> str:
+    """One line for an exception: an out-of-memory error with what to change, anything else by type and text."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out of GPU memory" + (f"; {oom_hint}" if oom_hint else "")
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+
+
+def raise_if_any_failed(device: torch.device, failure: str | None, where: str = "") -> None:
+    """A collective: every process calls it with its own failure (or None). When any process failed, every
+    process raises ProcessFailure naming each failing rank and its message; else it returns.
+
+    Without it a process that fails leaves the others waiting in their next collective until the timeout
+    (NCCL: 30 minutes by default), with the reason only in the failed process's log.
+    """
+    rank, world = rank_and_world()
+    prefix = f"{where}: " if where else ""
+    if world == 1:
+        if failure is not None:
+            raise ProcessFailure(prefix + failure)
+        return
+    if not any_rank(device, failure is not None)[0]:
+        return
+    import torch.distributed as dist
+
+    messages = [None] * world
+    dist.all_gather_object(messages, failure)
+    raise ProcessFailure(prefix + "; ".join(f"rank {r} failed: {m}" for r, m in enumerate(messages) if m is not None))
+
+
+@contextmanager
+def shared_failures(device: torch.device, where: str = "", oom_hint: str = ""):
+    """Run a block on every process; if it raises on any of them, every process raises ProcessFailure when the
+    block ends (the others after finishing theirs), so all stop together with the message. The exception's
+    traceback is logged on the process where it happened."""
+    failure = None
+    try:
+        yield
+    except Exception as e:  # KeyboardInterrupt and SystemExit are not failures to share
+        logger.exception("rank %d: %s failed", rank_and_world()[0], where or "a step")
+        failure = describe_failure(e, oom_hint)
+    raise_if_any_failed(device, failure, where)
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         import torch.distributed as dist
@@ -103,13 +158,25 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
     Not DistributedDataParallel's wrapper: a cls step leaves the x/y heads without gradient and a reg
     step the done_head (DDP would need find_unused_parameters), and the wrapper hides the model's own
-    methods. The processes run the same step mode, so the same parameters have gradients everywhere.
+    methods. The processes run the same step mode, so the same parameters should have gradients
+    everywhere; a first all_reduce checks it, since all-reducing buffers of different sizes would hang or
+    mix unrelated gradients.
     """
     _, world = rank_and_world()
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
+    if world == 1:
         return
     import torch.distributed as dist
+
+    device = next((p.grad.device for p in params if p.grad is not None), params[0].device if params else "cpu")
+    has = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    dist.all_reduce(has)
+    uneven = [i for i, n in enumerate(has.tolist()) if n not in (0.0, float(world))]
+    if uneven:
+        raise ProcessFailure(f"the processes have gradients for different parameters ({len(uneven)} of {len(params)}, "
+                             f"e.g. parameter #{uneven[0]}): they did not run the same step")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
 
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     dist.all_reduce(flat)
@@ -118,6 +185,42 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states (torch, this GPU's CUDA generator, numpy's and Python's global ones) as
+    tensors and numbers, which `torch.load(weights_only=True)` reads back."""
+    import random
+
+    import numpy as np
+
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "gauss": float(gauss)},
+             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` saved (an older checkpoint's torch/CUDA states only)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if isinstance(state.get("numpy"), dict):
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if isinstance(state.get("python"), dict):
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
 
 
 def install_stop_handlers() -> tuple[dict, dict]:

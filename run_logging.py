@@ -4,7 +4,6 @@ end-of-run summary."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 from dataclasses import asdict

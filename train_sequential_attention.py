@@ -42,8 +42,9 @@ from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImage
 from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
                            save_checkpoint, validate_model_config)
 from model_sequential_simple import compute_loss
-from parallel import (any_rank, average_gradients, barrier, gather_to_rank0, init_distributed, install_stop_handlers,
-                      mean_over_processes, rank_and_world, sum_over_processes, sync_parameters)
+from parallel import (ProcessFailure, any_rank, average_gradients, barrier, describe_failure, gather_to_rank0,
+                      init_distributed, install_stop_handlers, mean_over_processes, raise_if_any_failed, rank_and_world,
+                      rng_state, set_rng_state, shared_failures, sum_over_processes, sync_parameters)
 from run_logging import (MetricsLogger, grad_norm_tensor, log_overlays, peak_memory_mb, print_grad_check,
                          print_run_summary)
 
@@ -238,14 +239,17 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total_loss, n_states, terms = torch.zeros((), device=device), 0, {}
-    for batch in micro_batches:
-        parts = {}
-        loss, _ = batch_loss(model, batch, device, parts)
-        (loss / len(micro_batches)).backward()
-        total_loss = total_loss + loss.detach() / len(micro_batches)
-        for k, v in parts.items():
-            terms[k] = terms.get(k, 0.0) + v / len(micro_batches)
-        n_states += len(batch)
+    hint = (f"batch {cfg.batch_size}: lower --max_pixels or --batch_size (and raise --grad_accum to keep the "
+            "effective batch), or pass --gradient_checkpointing")
+    with shared_failures(device, "forward and backward", oom_hint=hint):  # every process stops if one fails here
+        for batch in micro_batches:
+            parts = {}
+            loss, _ = batch_loss(model, batch, device, parts)
+            (loss / len(micro_batches)).backward()
+            total_loss = total_loss + loss.detach() / len(micro_batches)
+            for k, v in parts.items():
+                terms[k] = terms.get(k, 0.0) + v / len(micro_batches)
+            n_states += len(batch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     world = rank_and_world()[1]
     if world > 1:
@@ -306,7 +310,8 @@ def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
     mine = val_ds.subset_indices(cfg.eval_images)[rank::world]
     start = time.perf_counter()
     settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol)
-    records, _, samples, results = count_dataset(model, val_ds, settings, indices=mine, progress=False)
+    with shared_failures(device_of(model), "counting evaluation"):  # a slice that fails stops every process
+        records, _, samples, results = count_dataset(model, val_ds, settings, indices=mine, progress=False)
     records = gather_to_rank0(records)
     model.train()
     if rank != 0:
@@ -340,29 +345,28 @@ class TrainState:
 
 
 
-def save_training_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, name: str) -> str:
-    """OUTPUT_DIR/<name>/: the model's checkpoint plus the training state a resumed run needs."""
-    rng = {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()),
-           "python": json.dumps(random.getstate()[1])}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+def save_training_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, name: str,
+                             rng_states: list[dict]) -> str:
+    """OUTPUT_DIR/<name>/: the model's checkpoint plus the training state a resumed run needs (rank 0 writes;
+    `rng_states` holds every process's RNG states, from `gather_to_rank0(rng_state(...))`)."""
     training_state = {**asdict(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "rng": rng}
+                      "rng": rng_states[0], "rng_per_rank": rng_states}
     return save_checkpoint(model, cfg, os.path.join(cfg.output_dir, name), training_state)
 
 
 def save_step_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> str:
     """checkpoint-<step> and checkpoint-last (rank 0 writes, the others wait); prune to --save_total_limit."""
     path = os.path.join(cfg.output_dir, f"checkpoint-{state.step}")
-    if rank_and_world()[0] == 0:
-        save_training_checkpoint(cfg, model, optimizer, scheduler, state, f"checkpoint-{state.step}")
-        save_training_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-last")
-        if cfg.save_total_limit:
-            steps = sorted(int(d.split("-", 1)[1]) for d in os.listdir(cfg.output_dir)
-                           if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit())
-            for old in steps[:-cfg.save_total_limit]:
-                shutil.rmtree(os.path.join(cfg.output_dir, f"checkpoint-{old}"), ignore_errors=True)
-    barrier()
+    rng_states = gather_to_rank0([rng_state(device_of(model))])
+    with shared_failures(device_of(model), f"saving {path}"):  # a failed write on rank 0 stops every process
+        if rank_and_world()[0] == 0:
+            for name in (f"checkpoint-{state.step}", "checkpoint-last"):
+                save_training_checkpoint(cfg, model, optimizer, scheduler, state, name, rng_states)
+            if cfg.save_total_limit:
+                steps = sorted(int(d.split("-", 1)[1]) for d in os.listdir(cfg.output_dir)
+                               if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit())
+                for old in steps[:-cfg.save_total_limit]:
+                    shutil.rmtree(os.path.join(cfg.output_dir, f"checkpoint-{old}"), ignore_errors=True)
     return path
 
 
@@ -373,15 +377,23 @@ def resume_path(cfg: TrainConfig) -> str:
     return path
 
 
+def rng_for_rank(saved: dict, rank: int, world: int) -> dict:
+    """The RNG states a process resumes from: its own, or rank 0's when the checkpoint has another process count."""
+    per_rank = saved.get("rng_per_rank", [saved["rng"]])
+    if len(per_rank) == world:
+        return per_rank[rank]
+    logger.warning("resuming %d processes from a checkpoint of %d: every process starts from rank 0's RNG state",
+                   world, len(per_rank))
+    return per_rank[0]
+
+
 def restore_training(cfg: TrainConfig, path: str, model, optimizer, scheduler) -> TrainState:
     """Load adapter, heads, optimizer, scheduler, RNG states and the step counters from a checkpoint."""
     load_weights(model, path)
     saved = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    set_rng_state(rng_for_rank(saved, *rank_and_world()), device_of(model))
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         old = json.load(f)
     changed = [k for k, v in asdict(cfg).items() if k in old and old[k] != v and k not in ("resume", "output_dir")]
@@ -414,6 +426,10 @@ def train(cfg: TrainConfig) -> dict:
     say("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()))
 
     train_ds, val_ds = build_data(cfg)
+    if world > 1 and len(train_ds) < cfg.batch_size * world:
+        raise UsageError(f"{cfg.data_root}: split {cfg.train_split!r} has {len(train_ds)} usable images, fewer than one "
+                         f"global batch ({cfg.batch_size} x {world} processes): some process would get no image. "
+                         "Lower --batch_size or the number of processes")
     say(f"Data: {len(train_ds)} train images ({train_ds.num_skipped} skipped), "
         f"{len(val_ds)} val images ({val_ds.num_skipped} skipped)")
     model = build_model(cfg)
@@ -449,25 +465,26 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while state.step < total_steps and not stop["signal"] and not out_of_time:
             pending = []
-            for samples in build_loader(cfg, train_ds, state.epoch, state.batch_in_epoch, rank, world):
+            loader = build_loader(cfg, train_ds, state.epoch, state.batch_in_epoch, rank, world)
+            for samples, failure in iterate_or_fail(loader):
+                raise_if_any_failed(device, failure, f"step {state.step + 1}: reading images")
                 state.batch_in_epoch += 1
                 state.skipped_images += cfg.batch_size - len(samples) if len(train_ds) >= cfg.batch_size * world else 0
                 if any_rank(device, not samples)[0]:  # a process with no readable image: every process skips the batch
                     continue
                 mode = step_mode(state.step)
                 rng = np.random.default_rng([cfg.seed, state.step, len(pending)])  # the same in every process
-                pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy, offset=rank * cfg.batch_size,
-                                             jitter=cfg.mark_jitter,
-                                             global_size=cfg.batch_size * world, near_done=cfg.near_done_fraction))
+                with shared_failures(device, f"step {state.step + 1}: counting states"):
+                    pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy, offset=rank * cfg.batch_size,
+                                                 jitter=cfg.mark_jitter, global_size=cfg.batch_size * world,
+                                                 near_done=cfg.near_done_fraction))
                 if len(pending) < cfg.grad_accum:
                     continue
                 t0 = time.perf_counter()
                 try:
                     result = train_step(cfg, model, optimizer, scheduler, pending, mode)
-                except torch.cuda.OutOfMemoryError:
-                    raise UsageError(f"out of GPU memory at step {state.step + 1} (batch {cfg.batch_size}); lower "
-                                     "--max_pixels or --batch_size (and raise --grad_accum to keep the effective "
-                                     "batch), or pass --gradient_checkpointing") from None
+                except ProcessFailure as e:
+                    raise ProcessFailure(f"step {state.step + 1}: {e}") from None
                 pending = []
                 state.step += 1
                 elapsed = time.perf_counter() - t0
@@ -496,7 +513,6 @@ def train(cfg: TrainConfig) -> dict:
                     stop["signal"] = "a signal to another process"
                 if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps or out_of_time:
                     last_eval = run_evaluation(cfg, model, optimizer, scheduler, state, val_batches, val_ds, metrics)
-                    barrier()
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                     path = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
                     if main_process:
@@ -544,17 +560,34 @@ def run_evaluation(cfg, model, optimizer, scheduler, state: TrainState, val_batc
     from tqdm.auto import tqdm
 
     counting = evaluate_counting_subset(cfg, model, val_ds, metrics.run) if cfg.eval_images else {}
-    if rank_and_world()[0] != 0:
-        return {}
-    result = {**evaluate(cfg, model, val_batches), **counting}
-    if cfg.eval_images:
-        if result["val/count_mae"] < state.best_mae:
-            state.best_mae = result["val/count_mae"]
-            save_training_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-best")
-            tqdm.write(f"new best val count MAE {state.best_mae:.3f}: saved checkpoint-best")
-    metrics.log(state.step, {"event": "eval", **result})
-    tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    rng_states = gather_to_rank0([rng_state(device_of(model))]) if cfg.eval_images else []
+    result = {}
+    with shared_failures(device_of(model), "evaluation"):  # rank 0's work; the others wait here, and stop with it
+        if rank_and_world()[0] == 0:
+            result = {**evaluate(cfg, model, val_batches), **counting}
+            if cfg.eval_images and result["val/count_mae"] < state.best_mae:
+                state.best_mae = result["val/count_mae"]
+                save_training_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-best", rng_states)
+                tqdm.write(f"new best val count MAE {state.best_mae:.3f}: saved checkpoint-best")
+            metrics.log(state.step, {"event": "eval", **result})
+            tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return result
+
+
+def iterate_or_fail(loader):
+    """The loader's batches as (samples, None); if reading one raises, (None, the failure) once, then the end:
+    the failure is shared with the other processes at the next agreement instead of leaving them waiting."""
+    iterator = iter(loader)
+    while True:
+        try:
+            samples = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:
+            logger.exception("reading a training batch failed")
+            yield None, describe_failure(e)
+            return
+        yield samples, None
 
 
 def main(argv=None) -> int:
@@ -567,6 +600,9 @@ def main(argv=None) -> int:
         return 2
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    except ProcessFailure as e:  # every process gets here with every failing process's message
+        print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         if rank_and_world()[1] > 1:

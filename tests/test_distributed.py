@@ -128,3 +128,59 @@ def test_accelerate_launch_two_cpu_processes_equals_one_process_with_the_global_
     assert all(r["samples_per_s"] > 0 for r in records if "mode" in r)
     assert len(glob.glob(str(tmp_path / "ddp" / "wandb" / "offline-run-*"))) == 1
     assert sorted(os.listdir(tmp_path / "ddp")) == sorted(os.listdir(tmp_path / "single"))
+
+
+def test_every_process_resumes_from_its_own_rng_states():
+    saved = {"rng": {"torch": "rank 0"}, "rng_per_rank": [{"torch": "rank 0"}, {"torch": "rank 1"}]}
+    assert train_mod.rng_for_rank(saved, 1, 2) == {"torch": "rank 1"}
+    assert train_mod.rng_for_rank(saved, 0, 3) == {"torch": "rank 0"}  # another process count: rank 0's
+    assert train_mod.rng_for_rank({"rng": {"torch": "old"}}, 0, 1) == {"torch": "old"}  # a checkpoint from before
+
+
+PLANTED = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import train_sequential_attention as t
+
+real = t.batch_loss
+def batch_loss(model, batch, device, parts=None):
+    # rank 1 fails at its second step; rank 0 goes on to the gradient all-reduce
+    if int(os.environ.get("RANK", "0")) == 1 and getattr(batch_loss, "calls", 0) >= 1:
+        raise {error}
+    batch_loss.calls = getattr(batch_loss, "calls", 0) + 1
+    return real(model, batch, device, parts)
+t.batch_loss = batch_loss
+sys.exit(t.main(sys.argv[1:]))
+"""
+
+
+def launch(script, train_args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(script), *train_args]
+    # The timeout guards against the hang this is about (NCCL waits 30 minutes for a dead peer); both processes
+    # start, load the tiny model and fail in well under a minute of it.
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("error, message", [
+    ('RuntimeError("planted failure")', "rank 1 failed: RuntimeError: planted failure"),
+    ('torch.cuda.OutOfMemoryError("CUDA out of memory")', "rank 1 failed: out of GPU memory; batch 2: lower --max_pixels"),
+])
+def test_a_failure_on_one_process_stops_both_with_its_message(tmp_path, synth_root, tiny_model_dir, error, message):
+    script = tmp_path / "planted.py"
+    script.write_text(PLANTED.format(root=ROOT, error=error))
+    proc = launch(script, args(synth_root, tiny_model_dir, tmp_path / "run", 2))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    # Both processes stop at step 2 with rank 1's message; rank 0 does not die in the collective.
+    assert len(errors) == 2 and all(f"step 2: forward and backward: {message}" in e for e in errors), proc.stderr[-3000:]
+    assert "Connection closed by peer" not in proc.stderr and "Done:" not in proc.stdout
+
+
+def test_a_split_smaller_than_one_global_batch_is_refused_by_every_process(tmp_path, synth_root, tiny_model_dir):
+    # 18 training images, 2 processes x 16: one process would get none.
+    proc = launch(os.path.join(ROOT, "train_sequential_attention.py"), args(synth_root, tiny_model_dir, tmp_path / "r", 16))
+    assert proc.returncode != 0 and "Done:" not in proc.stdout
+    assert proc.stderr.count("fewer than one global batch (16 x 2 processes)") == 2, proc.stderr[-3000:]
