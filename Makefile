@@ -2,12 +2,13 @@
 # make test: the test suite
 # make bench-speed / bench-learning / bench-learning-20min: the benchmarks quoted in RESULTS.md (CPU).
 # make smoke-2b: the full-size Qwen2-VL-2B architecture (random weights) through the real path (CPU or GPU).
+# make gpu-check: the prepared GPU check (one CUDA GPU; the Python that has torch, no venv; WHEELS=DIR for offline wheels).
 # All create .venv from requirements.txt when it is missing or older than requirements.txt.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: demo test venv clean-demo bench-speed bench-learning bench-learning-20min smoke-2b
+.PHONY: demo test venv clean-demo bench-speed bench-learning bench-learning-20min smoke-2b gpu-check
 
 venv: $(STAMP)
 
@@ -51,3 +52,11 @@ bench-learning-20min: $(STAMP)
 # 4-bit + LoRA path: one training step at batch 2 on 384 x 576 images, one counting step (CPU: ~15 min).
 smoke-2b: $(STAMP)
 	$(VENV)/bin/python smoke_2b.py --output_dir runs/smoke_2b
+
+# On a machine with one CUDA GPU and nothing downloaded: Qwen2-VL-2B's architecture built there with random weights,
+# through the real 4-bit + LoRA path; training steps at batch 2 on 384 x 576 images with and without gradient
+# checkpointing, the bare backbone forward + backward, counting at batch 1 and 8, the dtypes computed in ->
+# runs/gpu_check/gpu.json. Runs on the Python that already has torch (no venv, no W&B); names any missing package,
+# and installs missing ones from a folder of wheels with WHEELS=DIR. Stops with a message without a GPU.
+gpu-check:
+	$(PYTHON) smoke_2b.py --gpu_check --output_dir runs/gpu_check $(if $(WHEELS),--wheels $(WHEELS),)

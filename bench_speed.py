@@ -67,13 +67,12 @@ def bench_step(cfg: SpeedConfig, tcfg: TrainConfig, model, samples) -> dict:
     device = device_of(model)
     optimizer, scheduler = build_optimizer(tcfg, model, total_steps=10**6)
     inputs = model_inputs(model, batch, device)
-    base = model.backbone.get_base_model()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def bare():
         for p in params:
             p.grad = None
-        base.model(**inputs, use_cache=False).last_hidden_state.float().mean().backward()
+        model.encode(inputs).float().mean().backward()  # the backbone alone, in its compute dtype
 
     def project():
         train_step(tcfg, model, optimizer, scheduler, [batch], "reg")
