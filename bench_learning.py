@@ -58,7 +58,7 @@ VISION_LORA = "qkv,proj,fc1,fc2"  # Qwen2-VL vision blocks (attention qkv/proj, 
 @dataclass
 class BenchConfig:
     output_dir: str = arg("runs/bench_learning", "folder for data/, model/, one run per variant and the results")
-    variants: str = arg("mean,simple,attention,attention-nearest",
+    variants: str = arg("mean,simple-token",
                         "comma-separated variants: mean, or simple/attention with optional -token and -nearest "
                         "suffixes (e.g. attention-token)")
     steps: int = arg(1000, "optimizer steps per trained variant (the lr schedule spans them)")
@@ -96,8 +96,8 @@ class BenchConfig:
     lr: float = arg(3e-4, "learning rate (one for every trainable parameter)")
     warmup_steps: int = arg(100, "linear warmup steps")
     lr_schedule: str = arg("cosine", "cosine or constant")
-    near_done_fraction: float = arg(0.0, "fraction of not-done cls states with one object left (k = N - 1)")
-    mark_jitter: float = arg(0.0, "training marks land up to this fraction of the object size from their objects")
+    near_done_fraction: float = arg(0.5, "fraction of not-done cls states with one object left (k = N - 1)")
+    mark_jitter: float = arg(0.2, "training marks land up to this fraction of the object size from their objects")
     attention_dim: int = arg(128, "width of the attention model's modules")
     head_hidden: int = arg(128, "hidden width of x_head, y_head, done_head")
     eval_every: int = arg(250, "validation losses and val count MAE every N steps (the curves)")

@@ -41,9 +41,9 @@ class ModelConfig:
     attention_modules: str = arg("memory,foveation,cross_attention,reasoning",
                                  "with --model_type attention: comma-separated modules to enable (empty: simple model)")
     attention_dim: int = arg(256, "with --model_type attention: width of the attention modules")
-    pointing: str = arg("regress", "regress (x_head/y_head regress x, y; the seed's design) or token (score every "
-                        "image token as 'next object here', CE on the target's token + a sub-token offset; "
-                        "done also sees the strongest 'unmarked object here' token score)")
+    pointing: str = arg("token", "token (score every image token as 'next object here', CE on the target's token + "
+                        "a sub-token offset; done also sees the strongest 'unmarked object here' token score: the "
+                        "recipe that counts) or regress (x_head/y_head regress x, y: the seed's design)")
     prompt_position: str = arg("after", "after (image, then the prompt naming the class: the seed's layout) or "
                                "before (the prompt first, so every image token can read the class name in the "
                                "causal language model)")

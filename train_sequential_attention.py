@@ -60,12 +60,14 @@ class TrainConfig(ModelConfig):
     train_split: str = arg("train", "split to train on")
     val_split: str = arg("val", "split for validation losses")
     max_train_images: int = arg(0, "use only N training images, a fixed sample spread over the classes (0: all)")
-    near_done_fraction: float = arg(0.0, "fraction of not-done cls states with exactly one object left "
-                                    "(k = N - 1) instead of uniform k; validation states stay uniform")
+    near_done_fraction: float = arg(0.5, "fraction of not-done cls states with exactly one object left "
+                                    "(k = N - 1) instead of uniform k (0: the seed's uniform k); validation states "
+                                    "stay uniform")
     target_strategy: str = arg("reading_order", "which object is 'next': reading_order (single target, "
                                "rows top to bottom, left to right) or nearest (loss to the nearest uncounted object)")
-    mark_jitter: float = arg(0.0, "marks (and the counted points the model is given) land up to this fraction of the "
-                             "object size (exemplar boxes) from their objects, as the counting loop's imperfect points do")
+    mark_jitter: float = arg(0.2, "marks (and the counted points the model is given) land up to this fraction of the "
+                             "object size (exemplar boxes) from their objects, as the counting loop's imperfect points "
+                             "do (0: the seed's exact marks)")
     synthetic_train: bool = arg(False, "train on fresh synthetic images (the generator settings in DATA_ROOT/"
                                 "synth_config.json, written by `dataset_fsc147.py synth`) instead of the train split: "
                                 "no image is seen twice; validation still uses DATA_ROOT's val split")

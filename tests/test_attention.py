@@ -120,8 +120,9 @@ def test_each_subset_trains_with_decreasing_loss(attention_config, mixed_batches
 
 
 def test_starts_close_to_the_simple_model_plus_the_pointer(attention_config, train_config, mixed_batches):
-    simple = build_model(train_config)  # same seed: same LoRA, heads and token rows
-    attention = build_model(attention_config)
+    # Regression pointing, where x_head and y_head add their output to the foveation's pointer.
+    simple = build_model(dataclasses.replace(train_config, pointing="regress"))  # same seed: same LoRA, heads, rows
+    attention = build_model(dataclasses.replace(attention_config, pointing="regress"))
     batch = mixed_batches["reg"]
     with torch.no_grad():
         a = simple(model_inputs(simple, batch, CPU))
@@ -135,7 +136,7 @@ def test_starts_close_to_the_simple_model_plus_the_pointer(attention_config, tra
 
 
 def test_foveation_looks_around_the_last_counted_point(attention_config, synth_root):
-    cfg = dataclasses.replace(attention_config, attention_modules="foveation")
+    cfg = dataclasses.replace(attention_config, attention_modules="foveation", pointing="regress")
     model = build_model(cfg)
     model.eval()
     with torch.no_grad():  # scores from position alone: a sharp Gaussian around the centre it is given

@@ -58,8 +58,12 @@ def free_port() -> int:
 
 
 def args(synth_root, tiny_model_dir, out, batch_size):
-    # lr 1e-3: a wrong data partition moves the weights by ~1e-3 per step, far above float noise.
-    return ["--data_root", synth_root, "--model_name_or_path", tiny_model_dir, "--batch_size", str(batch_size),
+    # lr 1e-3: a wrong data partition moves the weights by ~1e-3 per step, far above float noise. Regression
+    # pointing: its loss is a mean over states, so the mean of two processes' halves is the global batch's loss
+    # exactly; token pointing's dense terms average over the image tokens of each process's images, whose number
+    # differs between halves (as with any per-process mean under data parallelism).
+    return ["--pointing", "regress", "--data_root", synth_root, "--model_name_or_path", tiny_model_dir,
+            "--batch_size", str(batch_size),
             "--max_steps", "4", "--lr", "1e-3", "--lora_dropout", "0", "--eval_every", "0", "--eval_images", "0",
             "--eval_states", "2", "--save_every", "2", "--num_workers", "0", "--device", "cpu",
             "--wandb_mode", "offline", "--output_dir", str(out), *TINY_PIXELS]

@@ -101,7 +101,7 @@ def test_new_token_rows_reach_the_hidden_states(tiny_model, fixed_batches):
 
 
 def test_gradients_reach_heads_token_rows_and_lora(train_config, fixed_batches):
-    model = build_model(train_config)
+    model = build_model(dataclasses.replace(train_config, pointing="regress"))
     model.zero_grad()
     for mode, batch in fixed_batches.items():
         out = model(model_inputs(model, batch, torch.device("cpu")))
@@ -258,12 +258,12 @@ def test_token_pointing_points_at_the_best_token_plus_its_offset(train_config):
     assert out["log_size"].item() == pytest.approx(1.7411, abs=1e-3)
 
 
-def test_predictions_are_clamped_not_squashed(tiny_model):
-    feats = torch.randn(2, 3, tiny_model.x_head.norm.normalized_shape[0])
+def test_predictions_are_clamped_not_squashed(train_config):
+    model = build_model(dataclasses.replace(train_config, pointing="regress"))
+    feats = torch.randn(2, 3, model.x_head.norm.normalized_shape[0])
     with torch.no_grad():
-        tiny_model.x_head.fc2.bias += 100.0
-        out = tiny_model.predict(feats)
-        tiny_model.x_head.fc2.bias -= 100.0
+        model.x_head.fc2.bias += 100.0
+        out = model.predict(feats)
     assert torch.allclose(out["x"], torch.full((2,), 2.0))
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from train_sequential_attention import main
+from conftest import ROOT
+
+from train_sequential_attention import TrainConfig, main
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +83,34 @@ def test_help_explains_every_flag(capsys):
                  "--wandb_mode", "--eval_every", "--save_every", "--num_workers", "--target_strategy"):
         assert flag in out
     assert "(default: 5e-05)" in out
+
+
+def recipe(cfg) -> tuple:
+    return cfg.pointing, cfg.mark_jitter, cfg.near_done_fraction
+
+
+def test_the_recipe_that_counts_is_the_default_of_every_entry_point():
+    import re
+
+    import bench_learning
+    import debug_training
+    from cli import parse_config
+
+    counts = ("token", 0.2, 0.5)
+    assert recipe(parse_config(TrainConfig, ["--data_root", "d"], "")) == counts
+    assert recipe(parse_config(debug_training.DebugConfig, ["--data_root", "d"], "")) == counts
+    bench = parse_config(bench_learning.BenchConfig, [], "")
+    assert (bench.mark_jitter, bench.near_done_fraction) == counts[1:]
+    assert bench_learning.train_config(bench, "simple-token", "d", "m").pointing == "token"
+    assert "simple-token" in bench.variants.split(",")
+    # Every training command in the README trains the recipe that counts, unless it asks for the seed's.
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().replace("\\\n", " ")
+    commands = re.findall(r"(?:python|accelerate launch.*?) train_sequential_attention\.py ([^\n`]*)", readme)
+    commands = [c for c in commands if "--help" not in c]
+    assert len(commands) >= 2
+    for command in commands:
+        cfg = parse_config(TrainConfig, command.split(" #")[0].split(), "")  # without a trailing comment
+        if cfg.pointing == "regress":
+            assert (cfg.mark_jitter, cfg.near_done_fraction) == (0.0, 0.0), command  # the seed's design, whole
+        else:
+            assert recipe(cfg) == counts, command
