@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from cli import UsageError, arg, parse_config
-from dataset_fsc147 import (clip_points, denormalize_points, draw_marks, load_rgb, mark_radius, normalize_points,
-                            radius_for_size)
+from dataset_fsc147 import (MARK_TO_OBJECT, clip_points, denormalize_points, draw_marks, load_rgb, mark_radius,
+                            normalize_points, radius_for_size)
 from model_loading import device_of, load_checkpoint
 
 
@@ -74,8 +74,8 @@ class CountResult:
     steps: int  # forward passes spent on the image (K + 1 when it stopped on done, one point per step)
     capped: bool  # stopped at max_count rather than on done
     n_outside: int  # predicted points outside the image (recorded, marked and fed back at the image's edge)
-    n_duplicate: int  # points the model chose on already-counted objects (within a mark radius): rejected by the
-    #                   guard, or recorded and counted without it
+    n_duplicate: int  # points the model chose on already-counted objects (within half an object size): rejected
+    #                   by the guard, or recorded and counted without it
     done_probs: list[float] = field(default_factory=list)  # sigmoid(done) at each step
     mark_radius: int = 0  # the radius its marks were drawn with, in pixels
     object_size: float | None = None  # text-only protocol: the model's estimate of the objects' size, in pixels
@@ -155,17 +155,24 @@ def candidate_points(outputs: dict, row: int) -> list[tuple[float, float]]:
     return [first] + [tuple(float(v) for v in outputs["token_points"][row, i]) for i in order.tolist()]
 
 
+def duplicate_distance(radius: int) -> float:
+    """Two points closer than this are on one object: half the object size that a mark of `radius` is
+    drawn for (neighbours that touch are a whole object size apart)."""
+    return radius / MARK_TO_OBJECT / 2
+
+
 def choose_points(state: _State, candidates: list, limit: int, guard: bool) -> list[np.ndarray]:
-    """The points to commit this step, in pixels: up to `limit` candidates, none within a mark radius of a
-    counted point (the guard) and each at least two mark radii from the others chosen with it (one object
-    seen from two tokens). A first candidate (the model's own choice) on a counted object is a duplicate;
-    without the guard it is counted all the same."""
+    """The points to commit this step, in pixels: up to `limit` candidates, none on a counted object (within
+    `duplicate_distance` of a counted point: the guard) nor on the same object as another one chosen with it
+    (one object seen from two tokens). A first candidate (the model's own choice) on a counted object is a
+    duplicate; without the guard it is counted all the same."""
     chosen = []
+    same_object = duplicate_distance(state.radius)
     for i, (x, y) in enumerate(candidates):
         point, outside = state.pixel(x, y)
-        on_counted = state.near_counted(point, state.radius)
+        on_counted = state.near_counted(point, same_object)
         state.n_duplicate += int(i == 0 and on_counted)
-        if (guard and on_counted) or any(np.hypot(*(point - c)) < 2 * state.radius for c in chosen):
+        if (guard and on_counted) or any(np.hypot(*(point - c)) < same_object for c in chosen):
             continue
         chosen.append(point)
         state.n_outside += int(outside)
@@ -189,7 +196,7 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
     the marks drawn in training.
     points_per_step: points committed per forward (1: the model's chosen point; N > 1 or 0 for no limit: also
     the other tokens it believes hold unmarked objects, well separated; their marks are all drawn before the
-    next forward). duplicate_guard: a point within a mark radius of a counted one is not counted; the next
+    next forward). duplicate_guard: a point within half an object size of a counted one is not counted; the next
     candidate is taken instead, and an image whose candidates are all on counted objects stops
     (`stopped_on_duplicates`) rather than running to max_count.
     """

@@ -56,7 +56,7 @@ class EvalConfig:
     points_per_step: str = arg("1", "points committed per forward: 1 (the model's chosen point), N, or auto (every "
                                "token it believes holds an unmarked object, well separated); forwards_per_image in "
                                "results.json says what it cost")
-    duplicate_guard: bool = arg(True, "a point within a mark radius of a counted one is not counted: the loop takes "
+    duplicate_guard: bool = arg(True, "a point within half an object size of a counted one is not counted: the loop takes "
                                 "the model's next candidate or stops the image (stopped_on_duplicates)")
     max_images: int = arg(0, "count only N images of the split, a fixed sample spread over its classes (0: all)")
     match_radius: float = arg(0.0, "localisation match radius in pixels (0: half the image's mean exemplar box size)")
