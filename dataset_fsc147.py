@@ -116,6 +116,7 @@ class Sample:
     boxes: np.ndarray  # (M, 4) float32 exemplar boxes x1, y1, x2, y2 in pixels
     class_name: str
     all_points: np.ndarray | None = None  # (A, 2) every object of every class, when the annotation has them
+    other_classes: tuple = ()  # other classes known to be in the image (synthetic distractors)
 
 
 def _read_json(path: str) -> dict:
@@ -223,6 +224,11 @@ class FSC147Dataset(torch.utils.data.Dataset):
     def num_skipped(self) -> int:
         return sum(len(v) for v in self.skipped.values())
 
+    @property
+    def class_names(self) -> list[str]:
+        """The split's class names, sorted."""
+        return sorted({e["class_name"] for e in self.entries})
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -247,7 +253,8 @@ class FSC147Dataset(torch.utils.data.Dataset):
             return self._fail(entry["id"], "no finite points")
         return Sample(entry["id"], image, clip_points(points, width, height),
                       _parse_boxes(entry.get("box_examples_coordinates")), entry["class_name"],
-                      _parse_all_points(entry.get("all_points"), width, height))
+                      _parse_all_points(entry.get("all_points"), width, height),
+                      tuple(entry.get("distractor_classes") or ()))
 
     def _fail(self, image_id: str, reason: str) -> None:
         """Log and remember why an image could not be used; callers count the None they get."""
@@ -426,7 +433,8 @@ def jitter_points(points: np.ndarray, scale: float, rng: np.random.Generator, wi
 
 def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
                   strategy: str = "reading_order", offset: int = 0, global_size: int | None = None,
-                  near_done: float = 0.0, jitter: float = 0.0) -> CountingBatch:
+                  near_done: float = 0.0, jitter: float = 0.0, size_jitter: float = 0.0, negatives: float = 0.0,
+                  class_pool=()) -> CountingBatch:
     """Build one counting state per image: N objects, k of them counted and marked 1..k.
 
     With several processes, `samples` is this process's slice of a global batch of `global_size`
@@ -445,6 +453,11 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
         targets), so the model is never pulled to a point between two valid objects.
     `jitter` > 0: each mark (and counted point) lands up to jitter x the object size (`object_size`)
     from its object, as marks drawn at the counting loop's imperfect points do.
+    `size_jitter` > 0: each state's marks are drawn with the radius times a factor in [1 - j, 1 + j], as the
+    text-only protocol's own size estimate errs.
+    `negatives` > 0: that fraction of the done cls states instead name a class from `class_pool` that is not
+    in the image (not the named class, not a known distractor): nothing to count, done at k = 0. (In FSC-147
+    another class may be in the image unannotated; the pool's classes are rarely all present.)
     """
     if mode not in ("cls", "reg"):
         raise ValueError(f"mode must be 'cls' or 'reg', got {mode!r}")
@@ -464,17 +477,26 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
     done_flags, seeds = done_flags[offset:offset + n], seeds[offset:offset + n]
 
     images, counted, candidates, remaining, radii, object_sizes = [], [], [], [], [], []
+    names = []
     for sample, done, seed in zip(samples, done_flags, seeds):
         width, height = sample.image.size
         num = len(sample.points)
         sample_rng = np.random.default_rng(seed)
+        names.append(sample.class_name)
+        if done and negatives > 0:
+            absent = [c for c in class_pool if c != sample.class_name and c not in sample.other_classes]
+            if absent and sample_rng.random() < negatives:
+                names[-1] = absent[int(sample_rng.integers(len(absent)))]
+                num = 0  # of the class the prompt names
         if done:
             k = num
         elif mode == "cls" and sample_rng.random() < near_done:
             k = num - 1
         else:
             k = int(sample_rng.integers(0, num))
-        if strategy == "reading_order":
+        if num == 0:  # a negative prompt: nothing of the named class to count or to point at
+            order = next_idx = np.zeros(0, dtype=np.int64)
+        elif strategy == "reading_order":
             order = reading_order(sample.points, sample.boxes, height)
             next_idx = order[k:k + 1]
         else:
@@ -484,8 +506,11 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
         if jitter > 0:
             counted_px = jitter_points(counted_px, jitter * object_size(sample.boxes, width, height), sample_rng,
                                        width, height)
-        radii.append(mark_radius(width, height, sample.boxes))
-        object_sizes.append(object_size(sample.boxes, width, height))
+        radius = mark_radius(width, height, sample.boxes)
+        if size_jitter > 0:
+            radius = max(MIN_MARK_RADIUS, round(radius * sample_rng.uniform(1 - size_jitter, 1 + size_jitter)))
+        radii.append(radius)
+        object_sizes.append(object_size(sample.boxes, width, height) if num else float("nan"))
         images.append(draw_marks(sample.image, counted_px, radius=radii[-1]))
         counted.append(normalize_points(counted_px, width, height))
         candidates.append(normalize_points(sample.points[next_idx], width, height))
@@ -498,8 +523,9 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
         targets[i, :len(cand)] = torch.from_numpy(cand)
         mask[i, :len(cand)] = True
     return CountingBatch(
-        mode=mode, ids=[s.id for s in samples], images=images, class_names=[s.class_name for s in samples],
-        counted=counted, num_objects=[len(s.points) for s in samples], remaining=remaining,
+        mode=mode, ids=[s.id for s in samples], images=images, class_names=names,
+        counted=counted, num_objects=[len(s.points) if n == s.class_name else 0 for s, n in zip(samples, names)],
+        remaining=remaining,
         done=torch.from_numpy(done_flags.astype(np.float32)), targets=targets, target_mask=mask,
         sizes=[s.image.size for s in samples], mark_radii=radii, object_sizes=object_sizes,
     )
@@ -571,6 +597,7 @@ class SyntheticTrainImages(torch.utils.data.Dataset):
         self.cfg = config_from_dict(SynthConfig, _read_json(path))
         self.classes = synth_split_classes(self.cfg, np.random.default_rng(self.cfg.seed))["train"]
         self.pool = distractor_pools({"train": self.classes})["train"]
+        self.class_names = sorted(c[0] for c in self.classes)
         self.length = length
         self.num_skipped = 0
 
@@ -593,7 +620,7 @@ def synth_sample(rng: np.random.Generator, cfg: SynthConfig, cls: tuple[str, str
     image = Image.open(buf).convert("RGB")
     all_points = np.asarray(scene.all_points, dtype=np.float32).reshape(-1, 2) if cfg.distractors else None
     return Sample(image_id, image, np.asarray(scene.points, dtype=np.float32).reshape(-1, 2),
-                  _parse_boxes(scene.boxes), cls[0], all_points)
+                  _parse_boxes(scene.boxes), cls[0], all_points, tuple(scene.distractor_classes))
 
 
 def show_state(root: str, split: str, index: int, k: int, out: str) -> int:

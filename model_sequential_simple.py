@@ -369,9 +369,10 @@ def size_loss(outputs: dict[str, torch.Tensor], object_sizes: torch.Tensor, imag
     token that holds an uncounted object (`remaining`); regression pointing has one estimate per state.
     """
     token_px = (outputs["cell"] / 2 * image_sizes).mean(-1)  # (B,): a token's side in pixels
-    target = torch.log(object_sizes / token_px)  # (B,)
+    target = torch.log(object_sizes / token_px)  # (B,); NaN for a state naming a class the image lacks
     if "token_log_sizes" not in outputs:
-        return F.mse_loss(outputs["log_size"], target)
+        known = torch.isfinite(target)
+        return F.mse_loss(outputs["log_size"][known], target[known]) if bool(known.any()) else outputs["log_size"].sum() * 0
     where = remaining_token_map(outputs, remaining)  # (B, N)
     if not bool(where.any()):
         return outputs["token_log_sizes"].sum() * 0.0  # no uncounted object in any state (all done)

@@ -63,6 +63,10 @@ class TrainConfig(ModelConfig):
     near_done_fraction: float = arg(0.5, "fraction of not-done cls states with exactly one object left "
                                     "(k = N - 1) instead of uniform k (0: the seed's uniform k); validation states "
                                     "stay uniform")
+    mark_size_jitter: float = arg(0.0, "training marks are drawn with the radius times a factor in [1 - j, 1 + j], "
+                                  "as the text-only protocol's own object-size estimate errs (0: exact)")
+    negative_prompts: float = arg(0.0, "fraction of the done classification states whose prompt names another "
+                                  "training class, absent from the image: done before anything is counted")
     target_strategy: str = arg("reading_order", "which object is 'next': reading_order (single target, "
                                "rows top to bottom, left to right) or nearest (loss to the nearest uncounted object)")
     mark_jitter: float = arg(0.2, "marks (and the counted points the model is given) land up to this fraction of the "
@@ -129,6 +133,8 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     if not 0 <= cfg.near_done_fraction <= 1:
         errors.append(f"--near_done_fraction must be in [0, 1], got {cfg.near_done_fraction}")
+    if not 0 <= cfg.mark_size_jitter < 1 or not 0 <= cfg.negative_prompts <= 1:
+        errors.append("--mark_size_jitter must be in [0, 1) and --negative_prompts in [0, 1]")
     if cfg.max_minutes < 0:
         errors.append(f"--max_minutes must be >= 0, got {cfg.max_minutes}")
     if not (0 < cfg.lr < 1):
@@ -479,7 +485,8 @@ def train(cfg: TrainConfig) -> dict:
                 with shared_failures(device, f"step {state.step + 1}: counting states"):
                     pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy, offset=rank * cfg.batch_size,
                                                  jitter=cfg.mark_jitter, global_size=cfg.batch_size * world,
-                                                 near_done=cfg.near_done_fraction))
+                                                 near_done=cfg.near_done_fraction, size_jitter=cfg.mark_size_jitter,
+                                                 negatives=cfg.negative_prompts, class_pool=train_ds.class_names))
                 if len(pending) < cfg.grad_accum:
                     continue
                 t0 = time.perf_counter()

@@ -243,3 +243,33 @@ def test_remaining_never_holds_another_class_s_object():
                 remaining = {tuple(p) for p in np.round(batch.remaining[0], 5)}
                 assert not remaining & distractors and len(remaining) == 3 - k
                 assert batch.num_objects == [3]
+
+
+def test_negative_prompts_name_an_absent_class_with_nothing_to_count():
+    samples = [make_sample([[20, 20], [100, 20], [180, 20]]) for _ in range(8)]
+    for s in samples:
+        s.other_classes = ("blue squares",)  # a distractor class in the image: never a negative
+    pool = ["red circles", "blue squares", "green stars"]
+    rng = np.random.default_rng(8)
+    for _ in range(5):
+        batch = prepare_batch(samples, "cls", rng, negatives=1.0, class_pool=pool)
+        assert batch.done.sum() == 4  # still half done
+        for done, name, counted, remaining, n, size in zip(batch.done, batch.class_names, batch.counted,
+                                                           batch.remaining, batch.num_objects, batch.object_sizes):
+            if done:  # every done state names the absent class: nothing counted, nothing left, no size
+                assert name == "green stars" and len(counted) == len(remaining) == n == 0 and np.isnan(size)
+            else:
+                assert name == "red circles" and n == 3 and len(counted) + len(remaining) == 3
+    reg = prepare_batch(samples, "reg", rng, negatives=1.0, class_pool=pool)
+    assert set(reg.class_names) == {"red circles"}  # regression states always have a next object
+    plain = prepare_batch(samples, "cls", np.random.default_rng(8))
+    again = prepare_batch(samples, "cls", np.random.default_rng(8), negatives=0.0, class_pool=pool)
+    assert [len(c) for c in plain.counted] == [len(c) for c in again.counted]  # off: the same states as before
+
+
+def test_mark_size_jitter_scales_each_state_s_marks():
+    sample = make_sample([[30, 30], [100, 30], [170, 30]], boxes=[[0, 0, 40, 40]])  # radius 14
+    rng = np.random.default_rng(9)
+    radii = [prepare_batch([sample], "reg", rng, size_jitter=0.3).mark_radii[0] for _ in range(60)]
+    assert min(radii) >= round(14 * 0.7) and max(radii) <= round(14 * 1.3) and len(set(radii)) > 4
+    assert prepare_batch([sample], "reg", rng).mark_radii == [14]

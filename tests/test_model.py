@@ -204,6 +204,10 @@ def test_size_loss_by_hand():
     # Regression pointing: one estimate per state.
     regress = {"log_size": torch.tensor([0.5]), "cell": GRID["cell"]}
     assert size_loss(regress, sizes, image).item() == pytest.approx((0.5 - target) ** 2, rel=1e-5)
+    # A state naming a class the image lacks has no size (NaN): it is left out, not averaged in.
+    two = {"log_size": torch.tensor([0.5, 3.0]), "cell": GRID["cell"].expand(2, 2)}
+    loss = size_loss(two, torch.tensor([40.0, float("nan")]), image.expand(2, 2))
+    assert loss.item() == pytest.approx((0.5 - target) ** 2, rel=1e-5)
 
 
 def test_prompt_goes_before_or_after_the_image(train_config):
