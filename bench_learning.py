@@ -78,7 +78,8 @@ class BenchConfig:
     class_split: str = arg("shared", "shared (test images show classes seen in training, in unseen layouts), "
                            "disjoint (disjoint classes per split, as FSC-147) or compositional (test classes are "
                            "colour + shape pairs never seen in training; every colour and shape is)")
-    distractors: int = arg(0, "each image also holds objects of 1 to K other classes (1 to 6 each), unannotated")
+    distractors: int = arg(0, "each image also holds objects of 1 to K other classes, unannotated")
+    distractor_objects: int = arg(6, "objects per distractor class: 1 to this many")
     min_gap: float = arg(4.0, "pixels between neighbouring objects' edges (0: touching)")
     protocol: str = arg("text", "comma-separated counting protocols, one result row each: text (marks sized from "
                         "the model's own estimate) and/or exemplar (from the exemplar boxes)")
@@ -182,7 +183,8 @@ def synth_config(cfg: BenchConfig) -> SynthConfig:
                        min_objects=cfg.min_objects, max_objects=cfg.max_objects, image_height=cfg.image_size,
                        min_width=cfg.image_size, max_width=round(1.25 * cfg.image_size), num_classes=cfg.num_classes,
                        class_split=cfg.class_split, num_shapes=cfg.num_colours, num_colours=cfg.num_colours,
-                       background=cfg.background, distractors=cfg.distractors, min_gap=cfg.min_gap)
+                       background=cfg.background, distractors=cfg.distractors,
+                       distractor_objects=cfg.distractor_objects, min_gap=cfg.min_gap)
 
 
 def build_bench_data(cfg: BenchConfig) -> str:
