@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from cli import UsageError, arg, parse_config, write_json_atomic
-from count_objects import PROTOCOLS, CountSettings
+from count_objects import PROTOCOLS, CountSettings, parse_points_per_step
 from dataset_fsc147 import FSC147Dataset, write_synthetic_fsc147
 from synthetic_fsc147 import SynthConfig, validate_synth
 from train_sequential_attention import TrainConfig
@@ -69,6 +69,8 @@ class BenchConfig:
     min_objects: int = arg(1, "fewest objects per image")
     max_objects: int = arg(10, "most objects per image")
     image_size: int = arg(112, "synthetic image height; widths are drawn in [size, 1.25 * size]")
+    max_image_size: int = arg(0, "heights drawn in [--image_size, this] (widths in [--image_size, 1.25 x this]; 0: "
+                              "every image --image_size high)")
     num_classes: int = arg(6, "object classes (shape + colour); with --class_split compositional the grid is "
                            "--num_colours x --num_colours")
     num_colours: int = arg(6, "with --class_split compositional: colours and shapes of the grid")
@@ -83,6 +85,11 @@ class BenchConfig:
     min_gap: float = arg(4.0, "pixels between neighbouring objects' edges (0: touching)")
     protocol: str = arg("text", "comma-separated counting protocols, one result row each: text (marks sized from "
                         "the model's own estimate) and/or exemplar (from the exemplar boxes)")
+    points_per_step: str = arg("1", "comma-separated counting modes, one result row each: 1 (one point per forward), "
+                               "N, or auto (every confident, well-separated point per forward)")
+    beyond_objects: str = arg("", "MIN,MAX: also count a second test set with this many objects per image, beyond the "
+                              "training range (its own rows, test_set 'beyond'; empty: none)")
+    beyond_size_scale: float = arg(1.0, "object size x this in the beyond-the-training-range test set")
     # tiny model
     vision_width: int = arg(128, "tiny vision encoder width (multiple of 64)")
     vision_depth: int = arg(2, "tiny vision encoder blocks")
@@ -131,6 +138,14 @@ def validate(cfg: BenchConfig) -> list[str]:
     if not parse_variants(cfg.protocol) or any(p not in PROTOCOLS for p in parse_variants(cfg.protocol)):
         errors.append(f"--protocol must list some of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     errors += validate_synth(synth_config(cfg))
+    try:
+        [parse_points_per_step(m) for m in parse_variants(cfg.points_per_step)]
+        if cfg.beyond_objects:
+            low, high = beyond_range(cfg)
+            errors += [] if 1 <= low <= high else ["--beyond_objects needs 1 <= MIN <= MAX"]
+    except ValueError:
+        errors.append(f"--points_per_step must list positive numbers or auto, got {cfg.points_per_step!r}; "
+                      f"--beyond_objects must be MIN,MAX, got {cfg.beyond_objects!r}")
     if not 0 <= cfg.mark_jitter <= 1:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     if cfg.steps < 1:
@@ -169,19 +184,26 @@ def parse_thresholds(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
 
 
+def beyond_range(cfg) -> tuple[int, int]:
+    low, high = (int(v) for v in cfg.beyond_objects.split(","))
+    return low, high
+
+
 # ----------------------------------------------------------------------------- setup
 
 
 def processor_side(cfg: BenchConfig) -> int:
-    """Image side the processor resizes to: --image_size rounded up to Qwen2-VL's 28-pixel merged patches."""
-    return 28 * math.ceil(cfg.image_size / 28)
+    """Image side the processor resizes to: the largest --image_size rounded up to Qwen2-VL's 28-pixel merged
+    patches (max_pixels is twice its square, so no image is shrunk)."""
+    return 28 * math.ceil(max(cfg.image_size, cfg.max_image_size) / 28)
 
 
 def synth_config(cfg: BenchConfig) -> SynthConfig:
     """The generator settings of the benchmark's data (its written splits and its fresh training images)."""
     return SynthConfig(out=os.path.join(cfg.output_dir, "data"), num_images=cfg.num_images, seed=cfg.seed,
                        min_objects=cfg.min_objects, max_objects=cfg.max_objects, image_height=cfg.image_size,
-                       min_width=cfg.image_size, max_width=round(1.25 * cfg.image_size), num_classes=cfg.num_classes,
+                       max_height=cfg.max_image_size, min_width=cfg.image_size,
+                       max_width=round(1.25 * max(cfg.image_size, cfg.max_image_size)), num_classes=cfg.num_classes,
                        class_split=cfg.class_split, num_shapes=cfg.num_colours, num_colours=cfg.num_colours,
                        background=cfg.background, distractors=cfg.distractors,
                        distractor_objects=cfg.distractor_objects, min_gap=cfg.min_gap)
@@ -190,6 +212,18 @@ def synth_config(cfg: BenchConfig) -> SynthConfig:
 def build_bench_data(cfg: BenchConfig) -> str:
     """Synthetic FSC-147 under OUTPUT_DIR/data (reused when it was written with the same settings)."""
     synth = synth_config(cfg)
+    return _reuse_or_build(synth.out, asdict(synth), lambda: write_synthetic_fsc147(synth))
+
+
+def build_beyond_data(cfg: BenchConfig) -> str | None:
+    """The beyond-the-training-range test set under OUTPUT_DIR/beyond: the same generator and classes with
+    --beyond_objects objects and --beyond_size_scale sizes; its test split has --test_images images."""
+    if not cfg.beyond_objects:
+        return None
+    low, high = beyond_range(cfg)
+    n_test = cfg.test_images or round(0.2 * cfg.num_images)
+    synth = dataclasses.replace(synth_config(cfg), out=os.path.join(cfg.output_dir, "beyond"), min_objects=low,
+                                max_objects=high, size_scale=cfg.beyond_size_scale, num_images=5 * n_test)
     return _reuse_or_build(synth.out, asdict(synth), lambda: write_synthetic_fsc147(synth))
 
 
@@ -247,61 +281,78 @@ def exact_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean(pred == gt))
 
 
-def run_mean_baseline(cfg: BenchConfig, data_root: str, test: FSC147Dataset) -> list[dict]:
+def run_mean_baseline(cfg: BenchConfig, data_root: str, tests: dict[str, FSC147Dataset]) -> list[dict]:
     """Always the training mean, on the same test images: MAE/RMSE of the mean, exact accuracy of it rounded."""
     train = FSC147Dataset(data_root, "train")
     mean = float(np.mean([len(e["points"]) for e in train.entries]))
-    entries = [test.entries[i] for i in test.subset_indices(cfg.test_images)]  # the images count_dataset counts
-    gt = np.array([len(e["points"]) for e in entries], dtype=np.float64)
-    row = {"variant": "mean", "status": "ok", "protocol": "-", "train_mean_count": mean,
-           "mae": float(np.abs(gt - mean).mean()), "rmse": float(math.sqrt(((gt - mean) ** 2).mean())),
-           "bias": float(np.mean(mean - gt)), "exact_acc": exact_accuracy(np.full_like(gt, np.round(mean)), gt),
-           "within_1": float(np.mean(np.abs(gt - np.round(mean)) <= 1)), "n_images": len(gt)}
-    totals = [len(e["all_points"]) for e in entries if "all_points" in e]
-    if totals:
-        row["says_total"] = float(np.mean(np.round(mean) == np.array(totals)))
-    return [row]
+    rows = []
+    for test_set, test in tests.items():
+        entries = [test.entries[i] for i in test.subset_indices(cfg.test_images)]  # the images count_dataset counts
+        gt = np.array([len(e["points"]) for e in entries], dtype=np.float64)
+        row = {"variant": "mean", "status": "ok", "protocol": "-", "test_set": test_set, "train_mean_count": mean,
+               "mae": float(np.abs(gt - mean).mean()), "rmse": float(math.sqrt(((gt - mean) ** 2).mean())),
+               "nae": float(np.mean(np.abs(gt - mean) / gt)), "bias": float(np.mean(mean - gt)),
+               "exact_acc": exact_accuracy(np.full_like(gt, np.round(mean)), gt),
+               "within_1": float(np.mean(np.abs(gt - np.round(mean)) <= 1)), "mean_gt": float(gt.mean()),
+               "n_images": len(gt)}
+        totals = [len(e["all_points"]) for e in entries if "all_points" in e]
+        if totals:
+            row["says_total"] = float(np.mean(np.round(mean) == np.array(totals)))
+        rows.append(row)
+    return rows
+
+
+def results_file(test_set: str, protocol: str, mode: str) -> str:
+    return f"{test_set}_results_{protocol}" + ("" if mode == "1" else f"_pps-{mode}") + ".json"
 
 
 def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: str, data_root: str,
-               test: FSC147Dataset) -> list[dict]:
-    """Count the test images with a trained checkpoint under each --protocol (the done threshold chosen on
-    val under the same protocol): one result row per protocol."""
+               tests: dict[str, FSC147Dataset]) -> list[dict]:
+    """Count the test images with a trained checkpoint: one result row per --protocol, --points_per_step mode
+    and test set. The done threshold is chosen on val under each protocol, one point per step, and kept
+    for every mode, so the modes differ only in how many points a forward commits."""
     from evaluate_counting import count_dataset
     from model_loading import load_checkpoint
     from train_sequential_attention import evaluate, fixed_val_batches
 
     model, _ = load_checkpoint(checkpoint, device="cpu")
-    states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), test))
+    states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), tests["test"]))
     val = FSC147Dataset(data_root, "val")
     rows = []
     for protocol in parse_variants(cfg.protocol):
-        count = lambda ds, t, bar: count_dataset(model, ds, CountSettings(8, t, cfg.max_count, protocol),
-                                                 max_images=cfg.test_images, progress=bar)
+        def count(ds, t, mode, bar):
+            settings = CountSettings(8, t, cfg.max_count, protocol, parse_points_per_step(mode))
+            return count_dataset(model, ds, settings, max_images=cfg.test_images, progress=bar)
+
         threshold, val_maes = cfg.done_threshold, {}
         if cfg.tune_threshold:  # calibrated on val, never on test
-            val_maes = {t: count(val, t, False)[1]["mae"] for t in parse_thresholds(cfg.tune_threshold)}
+            val_maes = {t: count(val, t, "1", False)[1]["mae"] for t in parse_thresholds(cfg.tune_threshold)}
             threshold = min(val_maes, key=val_maes.get)
-        records, counting, _, _ = count(test, threshold, True)
-        write_json_atomic(os.path.join(tcfg.output_dir, f"test_results_{protocol}.json"),
-                          {"summary": counting, "images": records})
-        pred = np.array([r["pred_count"] for r in records])
-        gt = np.array([r["gt_count"] for r in records])
-        rows.append({
-            "variant": variant, "status": "ok", "protocol": protocol, "model_type": tcfg.model_type,
-            "target_strategy": tcfg.target_strategy, "pointing": tcfg.pointing,
-            "prompt_position": tcfg.prompt_position, "class_binding": tcfg.class_binding, "checkpoint": checkpoint,
-            "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
-            "within_1": float(np.mean(np.abs(pred - gt) <= 1)),
-            **{k: counting[k] for k in ("mae", "rmse", "nae", "precision", "recall", "f1", "n_capped", "n_images",
-                                        "says_total", "object_size_rel_err") if k in counting},
-            "done_acc": states["val/done_acc"], "xy_abs_err": states["val/xy_abs_err"], "done_threshold": threshold,
-            "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
-        })
+        for mode in parse_variants(cfg.points_per_step):
+            for test_set, test in tests.items():
+                records, counting, _, _ = count(test, threshold, mode, True)
+                name = results_file(test_set, protocol, mode)
+                write_json_atomic(os.path.join(tcfg.output_dir, name), {"summary": counting, "images": records})
+                pred = np.array([r["pred_count"] for r in records])
+                gt = np.array([r["gt_count"] for r in records])
+                rows.append({
+                    "variant": variant, "status": "ok", "protocol": protocol, "points_per_step": mode,
+                    "test_set": test_set, "model_type": tcfg.model_type, "attention_modules": tcfg.attention_modules
+                    if tcfg.model_type == "attention" else "", "target_strategy": tcfg.target_strategy,
+                    "pointing": tcfg.pointing, "prompt_position": tcfg.prompt_position,
+                    "class_binding": tcfg.class_binding, "checkpoint": checkpoint, "results_file": name,
+                    "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
+                    **{k: counting[k] for k in ("mae", "rmse", "nae", "within_1", "mean_gt", "forwards_per_image",
+                                                "precision", "recall", "f1", "n_capped", "n_stopped_on_duplicates",
+                                                "n_images", "says_total", "object_size_rel_err") if k in counting},
+                    "done_acc": states["val/done_acc"], "xy_abs_err": states["val/xy_abs_err"],
+                    "done_threshold": threshold, "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
+                })
     return rows
 
 
-def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, test: FSC147Dataset) -> list[dict]:
+def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str,
+                tests: dict[str, FSC147Dataset]) -> list[dict]:
     """Train one variant, then count the test split with its checkpoint-best (lowest val count MAE)."""
     from train_sequential_attention import train
 
@@ -316,7 +367,7 @@ def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, 
     if not os.path.isdir(checkpoint):
         checkpoint = os.path.join(tcfg.output_dir, "checkpoint-last")
     return [{**row, "steps": summary["steps"], "train_minutes": train_s / 60}
-            for row in count_rows(cfg, variant, tcfg, checkpoint, data_root, test)]
+            for row in count_rows(cfg, variant, tcfg, checkpoint, data_root, tests)]
 
 
 # ----------------------------------------------------------------------------- report
@@ -372,11 +423,42 @@ def plot_curves(cfg: BenchConfig, results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> None:
+    """error_by_count.png: mean |pred - gt| and mean pred - gt against the true count (bins of 5), one line per
+    trained row (variant, protocol, points per step, test set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for r in results:
+        if "results_file" not in r:
+            continue
+        images = json.load(open(os.path.join(cfg.output_dir, r["variant"], r["results_file"])))["images"]
+        gt = np.array([i["gt_count"] for i in images])
+        err = np.array([i["pred_count"] for i in images]) - gt
+        bins = sorted(set((gt - 1) // 5))
+        centres = [5 * b + 3 for b in bins]
+        label = f"{r['variant']} {r['protocol']} {r['points_per_step']}/step {r['test_set']}"
+        axes[0].plot(centres, [np.abs(err[(gt - 1) // 5 == b]).mean() for b in bins], marker="o", label=label)
+        axes[1].plot(centres, [err[(gt - 1) // 5 == b].mean() for b in bins], marker="o", label=label)
+    for ax, title in zip(axes, ("mean |pred - gt| by true count", "mean pred - gt by true count")):
+        ax.set_title(title)
+        ax.set_xlabel("objects in the image (bins of 5)")
+        ax.legend(fontsize=7)
+    axes[1].axhline(0, color="grey", linewidth=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def markdown_table(results: list[dict]) -> str:
-    cols = [("variant", "variant", "{}"), ("protocol", "protocol", "{}"), ("steps", "steps", "{}"),
-            ("train_minutes", "train min", "{:.1f}"),
+    cols = [("variant", "variant", "{}"), ("protocol", "protocol", "{}"), ("points_per_step", "points/step", "{}"),
+            ("test_set", "test set", "{}"), ("steps", "steps", "{}"), ("train_minutes", "train min", "{:.1f}"),
             ("exact_acc", "exact acc", "{:.3f}"), ("mae", "MAE", "{:.3f}"), ("rmse", "RMSE", "{:.3f}"),
-            ("within_1", "within 1", "{:.3f}"), ("bias", "mean pred - gt", "{:+.2f}"),
+            ("nae", "NAE", "{:.3f}"), ("within_1", "within 1", "{:.3f}"), ("mean_gt", "mean gt", "{:.1f}"),
+            ("forwards_per_image", "forwards/img", "{:.1f}"), ("bias", "mean pred - gt", "{:+.2f}"),
             ("says_total", "says total", "{:.3f}"), ("object_size_rel_err", "size err", "{:.3f}"),
             ("f1", "loc F1", "{:.3f}"), ("done_acc", "done acc", "{:.3f}"), ("done_threshold", "threshold", "{}"), ("n_capped", "capped", "{}"),
             ("status", "status", "{}")]
@@ -393,12 +475,15 @@ def main(argv=None) -> int:
     write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
-        data_root, model_dir = build_bench_data(cfg), build_bench_model(cfg)
-        test = FSC147Dataset(data_root, "test")
+        data_root, model_dir, beyond = build_bench_data(cfg), build_bench_model(cfg), build_beyond_data(cfg)
+        tests = {"test": FSC147Dataset(data_root, "test")}
+        if beyond:
+            tests["beyond"] = FSC147Dataset(beyond, "test")
         results = []
         for variant in parse_variants(cfg.variants):
             print(f"\n=== {variant} ===")
-            rows = run_mean_baseline(cfg, data_root, test) if variant == "mean" else run_variant(cfg, variant, data_root, model_dir, test)
+            rows = (run_mean_baseline(cfg, data_root, tests) if variant == "mean"
+                    else run_variant(cfg, variant, data_root, model_dir, tests))
             results += rows
             print(json.dumps(rows, indent=1))
     except UsageError as e:
@@ -412,8 +497,9 @@ def main(argv=None) -> int:
         f.write(f"Test split: {results[0].get('n_images', '?')} held-out images, {cfg.min_objects}-{cfg.max_objects} "
                 f"objects; {cfg.finetune}; {cfg.steps} steps (max {cfg.minutes or '-'} min) per variant.\n\n{table}\n")
     plot_curves(cfg, results, os.path.join(cfg.output_dir, "learning.png"))
+    plot_error_by_count(cfg, results, os.path.join(cfg.output_dir, "error_by_count.png"))
     print("\n" + table)
-    print(f"\nWrote {os.path.join(cfg.output_dir, 'results.json')}, results.md and learning.png")
+    print(f"\nWrote {os.path.join(cfg.output_dir, 'results.json')}, results.md, learning.png and error_by_count.png")
     return 0
 
 

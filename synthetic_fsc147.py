@@ -57,6 +57,7 @@ class SynthConfig:
     min_objects: int = arg(1, "fewest objects of the named class in an image")
     max_objects: int = arg(10, "most objects of the named class in an image")
     image_height: int = arg(384, "image height in pixels (FSC-147 stores images 384 pixels high)")
+    max_height: int = arg(0, "heights are drawn uniformly in [image_height, max_height] (0: all image_height)")
     min_width: int = arg(384, "image widths are drawn uniformly in [min_width, max_width]")
     max_width: int = arg(576, "widest image")
     num_classes: int = arg(12, "classes (colour + shape); disjoint split 50/25/25 over train/val/test")
@@ -82,6 +83,8 @@ def validate_synth(cfg: SynthConfig) -> list[str]:
         errors.append("--max_objects above 400 cannot be placed without overlap")
     if cfg.image_height < 64 or not 64 <= cfg.min_width <= cfg.max_width:
         errors.append("need --image_height >= 64 and 64 <= --min_width <= --max_width")
+    if cfg.max_height and cfg.max_height < cfg.image_height:
+        errors.append("--max_height must be 0 or >= --image_height")
     if cfg.background not in ("textured", "plain"):
         errors.append(f"--background must be textured or plain, got {cfg.background!r}")
     if cfg.class_split not in CLASS_SPLITS:
@@ -262,7 +265,7 @@ def synth_scene(rng: np.random.Generator, cfg: SynthConfig, cls: SynthClass, poo
     """
     name, shape, colour = cls
     width = int(rng.integers(cfg.min_width, cfg.max_width + 1))
-    height = cfg.image_height
+    height = int(rng.integers(cfg.image_height, cfg.max_height + 1)) if cfg.max_height > cfg.image_height else cfg.image_height
     others, other_counts = [], []
     if cfg.distractors:
         candidates = [c for c in pool if c != cls]

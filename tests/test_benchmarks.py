@@ -25,7 +25,7 @@ def test_bench_learning_writes_table_json_and_plot(tmp_path, capsys):
     # the mean baseline is the training split's mean count, scored on the same test images
     assert rows["simple"]["n_images"] == rows["mean"]["n_images"] == 3
     table = open(out / "results.md").read()
-    assert "| attention-nearest | text | 4 |" in table and "| mean | - |" in table
+    assert "| attention-nearest | text | 1 | test | 4 |" in table and "| mean | - | - | test |" in table
     assert os.path.getsize(out / "learning.png") > 1000
     # data and model are reused when the settings match
     stamp = os.path.getmtime(out / "data" / "bench_settings.json")
@@ -51,6 +51,24 @@ def test_bench_learning_rows_per_protocol_with_distractors(tmp_path):
     for protocol in ("text", "exemplar"):
         saved = json.load(open(out / "simple-token-before-film" / f"test_results_{protocol}.json"))
         assert saved["summary"]["protocol"] == protocol
+
+
+def test_bench_learning_counts_each_mode_and_a_set_beyond_the_training_range(tmp_path):
+    out = tmp_path / "dense"
+    assert bench_learning.main(["--output_dir", str(out), "--variants", "mean,simple-token", "--points_per_step", "1,auto",
+                                "--beyond_objects", "7,9", "--min_objects", "2", "--max_objects", "5", "--steps", "2",
+                                "--num_images", "25", "--eval_every", "0", "--eval_images", "2", "--test_images", "3",
+                                "--max_count", "12", "--warmup_steps", "1"]) == 0
+    rows = json.load(open(out / "results.json"))["results"]
+    assert [(r["variant"], r.get("points_per_step"), r["test_set"]) for r in rows] == [
+        ("mean", None, "test"), ("mean", None, "beyond"), ("simple-token", "1", "test"), ("simple-token", "1", "beyond"),
+        ("simple-token", "auto", "test"), ("simple-token", "auto", "beyond")]
+    beyond = json.load(open(out / "simple-token" / "beyond_results_text_pps-auto.json"))
+    assert {i["gt_count"] for i in beyond["images"]} <= {7, 8, 9} and beyond["summary"]["points_per_step"] == "auto"
+    for r in rows:
+        assert {"nae", "within_1", "mean_gt"} <= set(r)
+        assert r["variant"] == "mean" or r["forwards_per_image"] >= 1
+    assert os.path.getsize(out / "error_by_count.png") > 1000
 
 
 def test_bench_learning_rejects_unknown_variants(capsys):
