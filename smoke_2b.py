@@ -60,6 +60,8 @@ class SmokeConfig:
     pointing: str = arg("token", "pointing of the heads (regress or token)")
     gradient_checkpointing: bool = arg(False, "smoke run: recompute activations in backward")
     device: str = arg("auto", "auto, cpu or cuda")
+    precision: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 (bf16 on CPU gives a "
+                         "GPU's parameter footprint, with emulated, slow bf16 matmuls)")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     gpu_check: bool = arg(False, "the prepared GPU check (see above) instead of the smoke run: writes gpu.json")
     steps: int = arg(5, "GPU check: timed training steps (and bare forward + backward) per setting, after one warm-up")
@@ -156,7 +158,7 @@ def train_config(cfg: SmokeConfig, model_dir: str):
     return TrainConfig(data_root="-", model_name_or_path=model_dir, load_in_4bit=True, quantize_vision=cfg.quantize_vision,
                        pointing=cfg.pointing, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, lora_dropout=0.0,
                        batch_size=cfg.batch_size, gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
-                       lr=5e-5)
+                       precision=cfg.precision, lr=5e-5)
 
 
 def first_batch(cfg: SmokeConfig, model):
