@@ -95,6 +95,8 @@ class BenchConfig:
     vision_depth: int = arg(2, "tiny vision encoder blocks")
     text_width: int = arg(128, "tiny language model width (multiple of 64)")
     text_layers: int = arg(2, "tiny language model layers")
+    bpe_vocab: int = arg(400, "tiny tokenizer's BPE vocabulary (>= 600: every colour and shape word is one token, as in "
+                         "a real tokenizer; 400 splits them into fragments)")
     # training (passed to train_sequential_attention.py)
     finetune: str = arg("lora4bit", "lora4bit (4-bit NF4 backbone + LoRA), lora (full-precision backbone + LoRA) "
                         "or full (every backbone weight trains)")
@@ -234,6 +236,7 @@ def build_bench_model(cfg: BenchConfig) -> str:
     side = processor_side(cfg)
     tiny = TinyConfig(out=os.path.join(cfg.output_dir, "model"), seed=cfg.seed, vision_width=cfg.vision_width,
                       vision_depth=cfg.vision_depth, text_width=cfg.text_width, text_layers=cfg.text_layers,
+                      bpe_vocab=cfg.bpe_vocab,
                       min_pixels=side * side, max_pixels=2 * side * side)
     return _reuse_or_build(tiny.out, asdict(tiny), lambda: build_tiny_qwen2vl(tiny))
 
