@@ -110,6 +110,8 @@ class BenchConfig:
     mark_jitter: float = arg(0.2, "training marks land up to this fraction of the object size from their objects")
     mark_size_jitter: float = arg(0.0, "training marks' radius times a factor in [1 - j, 1 + j] (text-protocol errors)")
     negative_prompts: float = arg(0.0, "fraction of done classification states naming a training class the image lacks")
+    object_map_focal: float = arg(0.0, "focal exponent of the dense object-map BCE (0: plain BCE)")
+    class_loss: float = arg(0.0, "weight of the auxiliary per-token class cross-entropy (0: off)")
     attention_dim: int = arg(128, "width of the attention model's modules")
     head_hidden: int = arg(128, "hidden width of x_head, y_head, done_head")
     eval_every: int = arg(250, "validation losses and val count MAE every N steps (the curves)")
@@ -265,6 +267,7 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str)
         class_binding="film" if "film" in suffixes else "add",
         finetune="full" if cfg.finetune == "full" else "lora", synthetic_train=cfg.fresh_images,
         mark_jitter=cfg.mark_jitter, mark_size_jitter=cfg.mark_size_jitter, negative_prompts=cfg.negative_prompts,
+        object_map_focal=cfg.object_map_focal, class_loss=cfg.class_loss,
         load_in_4bit=cfg.finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
         lora_target_modules=targets, attention_dim=cfg.attention_dim, head_hidden=cfg.head_hidden,
         min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,

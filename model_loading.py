@@ -49,6 +49,8 @@ class ModelConfig:
                                "causal language model)")
     class_binding: str = arg("add", "with --pointing token, how the class query meets each image token: add "
                              "(added, then GELU) or film (the query also scales the token's features)")
+    class_vocabulary: str = arg("", "the classes of the auxiliary per-token class head, as a JSON list (set by "
+                                "training from its split when --class_loss > 0; saved with every checkpoint)")
     load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation) + LoRA (QLoRA)")
     precision: str = arg("auto", "compute dtype of the backbone: auto (bf16 on GPU, fp32 on CPU, where bf16 matmuls "
                          "are emulated and 4x slower), bf16 or fp32. Heads, LoRA and weights that train in full keep "
@@ -90,6 +92,12 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
     unknown = [m for m in attention_module_list(cfg) if m not in ATTENTION_MODULES]
     if unknown:
         errors.append(f"--attention_modules: unknown {unknown}; choose from {', '.join(ATTENTION_MODULES)}")
+    try:
+        vocabulary = class_vocabulary(cfg)
+        if not isinstance(vocabulary, list) or not all(isinstance(c, str) for c in vocabulary):
+            raise ValueError
+    except ValueError:
+        errors.append(f"--class_vocabulary must be a JSON list of class names, got {cfg.class_vocabulary!r}")
     if cfg.attention_dim < 8 or cfg.attention_dim % 4:
         errors.append(f"--attention_dim must be a multiple of 4 and >= 8, got {cfg.attention_dim}")
     for name in ("lora_r", "lora_alpha", "head_hidden"):
@@ -104,6 +112,10 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
     if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
         errors.append("--lora_target_modules must name at least one module")
     return errors
+
+
+def class_vocabulary(cfg: ModelConfig) -> list[str]:
+    return json.loads(cfg.class_vocabulary) if cfg.class_vocabulary else []
 
 
 def attention_module_list(cfg: ModelConfig) -> list[str]:
@@ -264,10 +276,12 @@ def build_model(cfg: ModelConfig, checkpoint: str | None = None, trainable: bool
         model = SequentialAttentionCountingModel(backbone, processor, head_hidden=cfg.head_hidden,
                                                  modules=tuple(attention_module_list(cfg)),
                                                  attention_dim=cfg.attention_dim, pointing=cfg.pointing,
-                                                 prompt_position=cfg.prompt_position, class_binding=cfg.class_binding)
+                                                 prompt_position=cfg.prompt_position, class_binding=cfg.class_binding,
+                                                 class_vocabulary=class_vocabulary(cfg))
     else:
         model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden, pointing=cfg.pointing,
-                                      prompt_position=cfg.prompt_position, class_binding=cfg.class_binding)
+                                      prompt_position=cfg.prompt_position, class_binding=cfg.class_binding,
+                                      class_vocabulary=class_vocabulary(cfg))
     for name, module in model.named_children():
         if name != "backbone":  # the backbone is already placed (4-bit needs device_map)
             module.to(device)

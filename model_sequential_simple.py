@@ -29,6 +29,8 @@ The backbone is built elsewhere (`model_loading.build_model`), so this file does
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -143,7 +145,7 @@ class SimpleSequentialModel(nn.Module):
     """Qwen2-VL backbone + x_head, y_head, done_head on the hidden states at <x>, <y>, <done>."""
 
     def __init__(self, backbone: nn.Module, processor, head_hidden: int = 256, pointing: str = "regress",
-                 prompt_position: str = "after", class_binding: str = "add"):
+                 prompt_position: str = "after", class_binding: str = "add", class_vocabulary: tuple = ()):
         super().__init__()
         if pointing not in POINTING_MODES:
             raise ValueError(f"pointing must be one of {POINTING_MODES}, got {pointing!r}")
@@ -175,8 +177,11 @@ class SimpleSequentialModel(nn.Module):
         self.x_head = PredictionHead(hidden_size, head_hidden)
         self.y_head = PredictionHead(hidden_size, head_hidden)
         self.done_head = PredictionHead(hidden_size, head_hidden)
+        self.class_vocabulary = list(class_vocabulary)  # the classes the auxiliary class head tells apart
         if pointing == "token":
             self.token_pointer = TokenPointer(hidden_size, head_hidden, class_binding)
+            if self.class_vocabulary:  # what each image token sees, among the training classes (auxiliary)
+                self.class_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, len(class_vocabulary)))
             # done_logit += w * (strongest "unmarked object here" logit) + b; w starts at -1: evidence of
             # an object left argues against done.
             self.done_evidence = nn.Linear(1, 1)
@@ -291,7 +296,8 @@ class SimpleSequentialModel(nn.Module):
         evidence = object_logits.masked_fill(~token_mask, float("-inf")).max(1).values  # (B,)
         weight = torch.sigmoid(object_logits).masked_fill(~token_mask, 0.0)  # (B, N)
         log_size = (weight * token_log_sizes).sum(1) / weight.sum(1).clamp(min=1e-6)  # (B,)
-        return {"x": clamp_coordinates(xy[:, 0]), "y": clamp_coordinates(xy[:, 1]),
+        extra = {"class_logits": self.class_head(tokens)} if self.class_vocabulary else {}  # (B, N, C)
+        return {**extra, "x": clamp_coordinates(xy[:, 0]), "y": clamp_coordinates(xy[:, 1]),
                 "done_logit": done_logit + self.done_evidence(evidence.unsqueeze(-1)).squeeze(-1),
                 "log_size": log_size, "token_log_sizes": token_log_sizes,
                 "next_logits": next_logits, "object_logits": object_logits, "offsets": offsets,
@@ -333,6 +339,8 @@ class SimpleSequentialModel(nn.Module):
             groups["backbone"] = [p for _, p in trainable]
         if self.pointing == "token":
             groups["token_pointer"] = [*self.token_pointer.parameters(), *self.done_evidence.parameters()]
+            if self.class_vocabulary:
+                groups["class_head"] = list(self.class_head.parameters())
         else:
             groups["size_head"] = list(self.size_head.parameters())
         return groups
@@ -353,11 +361,29 @@ def remaining_token_map(outputs: dict[str, torch.Tensor], remaining) -> torch.Te
     return torch.zeros(token_mask.shape, device=token_xy.device).scatter_add_(1, idx, mask.float()) > 0
 
 
-def object_map_loss(outputs: dict[str, torch.Tensor], remaining) -> torch.Tensor:
-    """Dense BCE: each image token holds an uncounted object (1) or not (0). remaining: per state (r, 2)."""
+def object_map_loss(outputs: dict[str, torch.Tensor], remaining, focal: float = 0.0) -> torch.Tensor:
+    """Dense BCE: each image token holds an uncounted object (1) or not (0). remaining: per state (r, 2).
+
+    focal > 0: each token's BCE is weighted by (1 - p_t)^focal (p_t: its probability of the right answer), so
+    the many easy background tokens count less than the hard ones, such as an object of the named colour but
+    another shape."""
     token_mask = outputs["token_mask"]
-    target = remaining_token_map(outputs, remaining).float()
-    return F.binary_cross_entropy_with_logits(outputs["object_logits"][token_mask], target[token_mask])
+    target = remaining_token_map(outputs, remaining).float()[token_mask]
+    logits = outputs["object_logits"][token_mask]
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if focal > 0:
+        bce = bce * (1 - torch.exp(-bce)) ** focal  # exp(-bce) = p_t
+    return bce.mean()
+
+
+def class_loss(outputs: dict[str, torch.Tensor], remaining, class_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `class_logits` at every token holding an uncounted object against its class (class_ids
+    (B,), -1 where the class is not among the head's classes): what each token sees, whatever the prompt says."""
+    where = remaining_token_map(outputs, remaining) & (class_ids >= 0).unsqueeze(1)  # (B, N)
+    if not bool(where.any()):
+        return outputs["class_logits"].sum() * 0.0
+    target = class_ids.unsqueeze(1).expand_as(where)[where]
+    return F.cross_entropy(outputs["class_logits"][where], target)
 
 
 def size_loss(outputs: dict[str, torch.Tensor], object_sizes: torch.Tensor, image_sizes: torch.Tensor,
@@ -397,9 +423,20 @@ def token_pointing_loss(outputs: dict[str, torch.Tensor], targets: torch.Tensor,
     return ce, sq[target_mask].mean()
 
 
+@dataclass
+class LossWeights:
+    """The weights of the loss terms that are not always on (the training config sets them)."""
+
+    object_map: float = OBJECT_MAP_WEIGHT  # the dense "unmarked object here" BCE (token pointing)
+    object_map_focal: float = 0.0  # focal exponent of that BCE (0: plain BCE)
+    size: float = 1.0  # the object-size estimate's MSE (text-only protocol)
+    classes: float = 0.0  # the per-token class cross-entropy (a model built with a class vocabulary)
+
+
 def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: torch.Tensor,
                  target_mask: torch.Tensor, mode: str, remaining=None, parts: dict | None = None,
-                 object_sizes: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+                 object_sizes: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                 class_ids: torch.Tensor | None = None, weights: LossWeights | None = None) -> torch.Tensor:
     """The training loss of a step.
 
     cls: BCE-with-logits of done_logit against done (1 when k == N).
@@ -407,10 +444,12 @@ def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: 
       (B, M)): plain MSE with one candidate (reading order), the closest uncounted object with several.
     reg, token pointing: cross-entropy on the target token + MSE of its sub-token offset.
     Token pointing adds, in both modes, the dense "unmarked object here" BCE over the `remaining`
-    (uncounted) objects, times OBJECT_MAP_WEIGHT. With `object_sizes` (B,) and `image_sizes` (B, 2), every
-    step also trains the object-size estimate (`size_loss`). `parts`, if given, receives each term and the
-    (x, y) MSE as detached tensors, for logging (the caller reads them with one host sync).
+    (uncounted) objects, times weights.object_map. With `object_sizes` (B,) and `image_sizes` (B, 2), every
+    step also trains the object-size estimate (`size_loss`), and with `class_ids` (B,) and a model that has a
+    class head, the per-token class cross-entropy (`class_loss`). `parts`, if given, receives each term and
+    the (x, y) MSE as detached tensors, for logging (the caller reads them with one host sync).
     """
+    weights = weights or LossWeights()
     token = "next_logits" in outputs
     terms = {}
     if mode == "cls":
@@ -420,9 +459,11 @@ def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: 
     else:
         terms["xy_mse"] = xy_mse(outputs, targets, target_mask)
     if token and remaining is not None:
-        terms["object_bce"] = OBJECT_MAP_WEIGHT * object_map_loss(outputs, remaining)
+        terms["object_bce"] = weights.object_map * object_map_loss(outputs, remaining, weights.object_map_focal)
     if object_sizes is not None:
-        terms["size_mse"] = size_loss(outputs, object_sizes, image_sizes, remaining)
+        terms["size_mse"] = weights.size * size_loss(outputs, object_sizes, image_sizes, remaining)
+    if class_ids is not None and "class_logits" in outputs and weights.classes > 0:
+        terms["class_ce"] = weights.classes * class_loss(outputs, remaining, class_ids)
     if parts is not None:
         parts.update({k: v.detach() for k, v in terms.items()})
         if mode == "reg" and "xy_mse" not in parts:

@@ -23,6 +23,7 @@ and an offline W&B run under OUTPUT_DIR/wandb unless WANDB_API_KEY is set (then 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from count_objects import PROTOCOLS, CountSettings
 from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImages, collate_samples, prepare_batch
 from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
                            save_checkpoint, validate_model_config)
-from model_sequential_simple import compute_loss
+from model_sequential_simple import LossWeights, compute_loss
 from parallel import (ProcessFailure, any_rank, average_gradients, barrier, describe_failure, gather_to_rank0,
                       init_distributed, install_stop_handlers, mean_over_processes, raise_if_any_failed, rank_and_world,
                       rng_state, set_rng_state, shared_failures, sum_over_processes, sync_parameters)
@@ -67,6 +68,10 @@ class TrainConfig(ModelConfig):
                                   "as the text-only protocol's own object-size estimate errs (0: exact)")
     negative_prompts: float = arg(0.0, "fraction of the done classification states whose prompt names another "
                                   "training class, absent from the image: done before anything is counted")
+    object_map_focal: float = arg(0.0, "focal exponent of the dense 'unmarked object here' BCE: easy background tokens "
+                                  "count less than hard ones, e.g. another shape of the named colour (0: plain BCE)")
+    class_loss: float = arg(0.0, "weight of an auxiliary loss: every image token holding an uncounted object predicts "
+                            "the object's class among the training split's classes (0: off)")
     target_strategy: str = arg("reading_order", "which object is 'next': reading_order (single target, "
                                "rows top to bottom, left to right) or nearest (loss to the nearest uncounted object)")
     mark_jitter: float = arg(0.2, "marks (and the counted points the model is given) land up to this fraction of the "
@@ -133,6 +138,10 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     if not 0 <= cfg.near_done_fraction <= 1:
         errors.append(f"--near_done_fraction must be in [0, 1], got {cfg.near_done_fraction}")
+    if cfg.object_map_focal < 0 or cfg.class_loss < 0:
+        errors.append("--object_map_focal and --class_loss must be >= 0")
+    if cfg.class_loss > 0 and cfg.pointing != "token":
+        errors.append("--class_loss needs --pointing token (it reads the image tokens)")
     if not 0 <= cfg.mark_size_jitter < 1 or not 0 <= cfg.negative_prompts <= 1:
         errors.append("--mark_size_jitter must be in [0, 1) and --negative_prompts in [0, 1]")
     if cfg.max_minutes < 0:
@@ -224,18 +233,28 @@ def step_mode(step: int) -> str:
     return "cls" if step % 2 == 0 else "reg"
 
 
-def state_loss(outputs: dict, batch, device, parts: dict | None = None) -> torch.Tensor:
-    """`compute_loss` of a CountingBatch's targets for the model's outputs on it."""
+def loss_weights(cfg) -> LossWeights:
+    """The loss terms' weights of a config (defaults for configs without the fields, e.g. a model's)."""
+    return LossWeights(object_map_focal=getattr(cfg, "object_map_focal", 0.0), classes=getattr(cfg, "class_loss", 0.0))
+
+
+def state_loss(outputs: dict, batch, device, parts: dict | None = None, weights: LossWeights | None = None,
+               vocabulary: list[str] = ()) -> torch.Tensor:
+    """`compute_loss` of a CountingBatch's targets for the model's outputs on it (class ids from `vocabulary`)."""
+    class_ids = torch.tensor([vocabulary.index(c) if c in vocabulary else -1 for c in batch.class_names],
+                             device=device) if vocabulary else None
     return compute_loss(outputs, batch.done.to(device), batch.targets.to(device), batch.target_mask.to(device),
                         batch.mode, remaining=batch.remaining, parts=parts,
                         object_sizes=torch.tensor(batch.object_sizes, device=device),
-                        image_sizes=torch.tensor(batch.sizes, dtype=torch.float32, device=device))
+                        image_sizes=torch.tensor(batch.sizes, dtype=torch.float32, device=device),
+                        class_ids=class_ids, weights=weights)
 
 
-def batch_loss(model, batch, device, parts: dict | None = None) -> tuple[torch.Tensor, dict]:
+def batch_loss(model, batch, device, parts: dict | None = None, weights: LossWeights | None = None
+               ) -> tuple[torch.Tensor, dict]:
     """Forward one CountingBatch and its loss (`state_loss`); also the outputs."""
     outputs = model(model_inputs(model, batch, device), counted=batch.counted)
-    return state_loss(outputs, batch, device, parts), outputs
+    return state_loss(outputs, batch, device, parts, weights, getattr(model, "class_vocabulary", ())), outputs
 
 
 def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: list, mode: str) -> dict:
@@ -252,7 +271,7 @@ def train_step(cfg: TrainConfig, model, optimizer, scheduler, micro_batches: lis
     with shared_failures(device, "forward and backward", oom_hint=hint):  # every process stops if one fails here
         for batch in micro_batches:
             parts = {}
-            loss, _ = batch_loss(model, batch, device, parts)
+            loss, _ = batch_loss(model, batch, device, parts, loss_weights(cfg))
             (loss / len(micro_batches)).backward()
             total_loss = total_loss + loss.detach() / len(micro_batches)
             for k, v in parts.items():
@@ -288,7 +307,7 @@ def evaluate(cfg: TrainConfig, model, val_batches: list) -> dict:
     sums = {"cls": [0.0, 0], "reg": [0.0, 0]}
     correct, total, abs_err = 0, 0, 0.0
     for batch in val_batches:
-        loss, out = batch_loss(model, batch, device)
+        loss, out = batch_loss(model, batch, device, weights=loss_weights(cfg))
         sums[batch.mode][0] += float(loss) * len(batch)
         sums[batch.mode][1] += len(batch)
         if batch.mode == "cls":
@@ -427,13 +446,15 @@ def train(cfg: TrainConfig) -> dict:
     main_process = rank == 0  # the one that prints, evaluates and writes
     say = print if main_process else (lambda *a, **k: None)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    train_ds, val_ds = build_data(cfg)
+    if cfg.class_loss and not cfg.class_vocabulary:  # the class head's classes, saved with the config
+        cfg = dataclasses.replace(cfg, class_vocabulary=json.dumps(train_ds.class_names))
     if main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
     barrier()
     say("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()))
 
-    train_ds, val_ds = build_data(cfg)
     if world > 1 and len(train_ds) < cfg.batch_size * world:
         raise UsageError(f"{cfg.data_root}: split {cfg.train_split!r} has {len(train_ds)} usable images, fewer than one "
                          f"global batch ({cfg.batch_size} x {world} processes): some process would get no image. "

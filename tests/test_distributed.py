@@ -147,12 +147,12 @@ sys.path.insert(0, {root!r})
 import train_sequential_attention as t
 
 real = t.batch_loss
-def batch_loss(model, batch, device, parts=None):
+def batch_loss(model, batch, device, *args, **kwargs):
     # rank 1 fails at its second step; rank 0 goes on to the gradient all-reduce
     if int(os.environ.get("RANK", "0")) == 1 and getattr(batch_loss, "calls", 0) >= 1:
         raise {error}
     batch_loss.calls = getattr(batch_loss, "calls", 0) + 1
-    return real(model, batch, device, parts)
+    return real(model, batch, device, *args, **kwargs)
 t.batch_loss = batch_loss
 sys.exit(t.main(sys.argv[1:]))
 """

@@ -98,6 +98,6 @@ def test_model_files_do_no_io():
         tree = ast.parse(open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8").read())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                     for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-        assert imported <= {"__future__", "math", "torch", *MODEL_FILES}, f"{name}.py imports {imported}"
+        assert imported <= {"__future__", "dataclasses", "math", "torch", *MODEL_FILES}, f"{name}.py imports {imported}"
         calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
         assert "open" not in calls and "print" not in calls, f"{name}.py does I/O"

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from dataset_fsc147 import FSC147Dataset, prepare_batch
-from model_sequential_simple import (SPECIAL_TOKENS, TokenPointer, clamp_coordinates, compute_loss, object_map_loss,
-                                     size_loss, token_index, token_pointing_loss)
+from model_sequential_simple import (SPECIAL_TOKENS, TokenPointer, clamp_coordinates, class_loss, compute_loss,
+                                     object_map_loss, size_loss, token_index, token_pointing_loss)
 from model_loading import build_model, model_inputs
 from run_logging import grad_norms
 from train_sequential_attention import build_optimizer
@@ -191,6 +191,26 @@ def test_object_map_loss_by_hand():
     loss = object_map_loss(outputs, [np.array([[-0.4, -0.6]])])  # one uncounted object, in token 0
     expected = (np.log1p(np.exp(-2.0)) * 2 + np.log(2.0) * 2) / 4  # token 0: target 1, logit 2; others 0
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_object_map_loss_weights_hard_tokens_by_hand():
+    outputs = {**GRID, "object_logits": torch.tensor([[2.0, -2.0, 0.0, 3.0]])}
+    remaining = [np.array([[-0.4, -0.6]])]  # token 0 holds an object: targets 1, 0, 0, 0
+    p_right = 1 / (1 + np.exp(-np.array([2.0, 2.0, 0.0, -3.0])))  # sigmoid(logit) or sigmoid(-logit)
+    expected = np.mean(-np.log(p_right) * (1 - p_right) ** 2)
+    assert object_map_loss(outputs, remaining, focal=2.0).item() == pytest.approx(expected, rel=1e-5)
+    # token 3 (logit 3, target 0: wrong and confident) weighs 0.95^2 of its BCE, token 0 (right) 0.12^2
+    assert object_map_loss(outputs, remaining).item() == pytest.approx(np.mean(-np.log(p_right)), rel=1e-5)
+
+
+def test_class_loss_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0], [0.0, 0.0, 0.0]]])
+    outputs = {**GRID, "class_logits": logits}
+    remaining = [np.array([[-0.4, -0.6], [0.6, -0.4]])]  # objects in tokens 0 and 1, of class 1
+    ce = lambda row, c: float(torch.logsumexp(row, 0) - row[c])
+    expected = (ce(logits[0, 0], 1) + ce(logits[0, 1], 1)) / 2
+    assert class_loss(outputs, remaining, torch.tensor([1])).item() == pytest.approx(expected, rel=1e-5)
+    assert class_loss(outputs, remaining, torch.tensor([-1])).item() == 0.0  # a class the head does not know
 
 
 def test_size_loss_by_hand():

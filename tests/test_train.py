@@ -114,3 +114,21 @@ def test_the_recipe_that_counts_is_the_default_of_every_entry_point():
             assert (cfg.mark_jitter, cfg.near_done_fraction) == (0.0, 0.0), command  # the seed's design, whole
         else:
             assert recipe(cfg) == counts, command
+
+
+def test_class_loss_builds_a_class_head_over_the_training_classes_and_reloads(tmp_path, synth_root, tiny_model_dir):
+    from model_loading import load_checkpoint
+
+    out = tmp_path / "cls"
+    assert main(["--data_root", synth_root, "--model_name_or_path", tiny_model_dir, "--max_steps", "2",
+                 "--batch_size", "2", "--class_loss", "1.0", "--object_map_focal", "2", "--eval_every", "0",
+                 "--eval_images", "0", "--eval_states", "2", "--num_workers", "0", "--wandb_mode", "disabled",
+                 "--output_dir", str(out), "--min_pixels", "3136", "--max_pixels", "50176"]) == 0
+    config = json.load(open(out / "config.json"))
+    train_classes = sorted({line.split("\t")[1].strip() for line in open(os.path.join(synth_root, "ImageClasses_FSC147.txt"))
+                            if line.split("\t")[0] in json.load(open(os.path.join(synth_root, "Train_Test_Val_FSC_147.json")))["train"]})
+    assert json.loads(config["class_vocabulary"]) == train_classes
+    records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"mode"' in line]
+    assert all(r["loss/class_ce"] > 0 for r in records)  # in both modes: every state has uncounted objects or is done
+    model, _ = load_checkpoint(str(out / "checkpoint-last"), device="cpu")
+    assert model.class_head[1].out_features == len(train_classes)
