@@ -82,6 +82,7 @@ class BenchConfig:
                            "colour + shape pairs never seen in training; every colour and shape is)")
     distractors: int = arg(0, "each image also holds objects of 1 to K other classes, unannotated")
     distractor_objects: int = arg(6, "objects per distractor class: 1 to this many")
+    distinct_colours: bool = arg(False, "every class has its own colour (the colour word tells classes apart)")
     min_gap: float = arg(4.0, "pixels between neighbouring objects' edges (0: touching)")
     protocol: str = arg("text", "comma-separated counting protocols, one result row each: text (marks sized from "
                         "the model's own estimate) and/or exemplar (from the exemplar boxes)")
@@ -210,7 +211,8 @@ def synth_config(cfg: BenchConfig) -> SynthConfig:
                        max_width=round(1.25 * max(cfg.image_size, cfg.max_image_size)), num_classes=cfg.num_classes,
                        class_split=cfg.class_split, num_shapes=cfg.num_colours, num_colours=cfg.num_colours,
                        background=cfg.background, distractors=cfg.distractors,
-                       distractor_objects=cfg.distractor_objects, min_gap=cfg.min_gap)
+                       distractor_objects=cfg.distractor_objects, distinct_colours=cfg.distinct_colours,
+                       min_gap=cfg.min_gap)
 
 
 def build_bench_data(cfg: BenchConfig) -> str:

@@ -61,6 +61,8 @@ class SynthConfig:
     min_width: int = arg(384, "image widths are drawn uniformly in [min_width, max_width]")
     max_width: int = arg(576, "widest image")
     num_classes: int = arg(12, "classes (colour + shape); disjoint split 50/25/25 over train/val/test")
+    distinct_colours: bool = arg(False, "every class has a colour of its own (at most 8 classes): the colour word alone "
+                                 "tells the named class from the others")
     shared_classes: bool = arg(False, "the same as --class_split shared (kept for existing scripts)")
     background: str = arg("textured", "textured (gradient, noise, stripes or speckle) or plain (one colour)")
     class_split: str = arg("disjoint", "disjoint (as FSC-147), shared (every split uses every class) or compositional")
@@ -99,8 +101,9 @@ def validate_synth(cfg: SynthConfig) -> list[str]:
         if cfg.num_shapes != cfg.num_colours:
             errors.append("--num_shapes and --num_colours must be equal: val and test each hold one pair per "
                           "colour and per shape")
-    elif not 3 <= cfg.num_classes <= len(SHAPES) * len(COLOURS):
-        errors.append(f"--num_classes must be in [3, {len(SHAPES) * len(COLOURS)}]")
+    elif not 3 <= cfg.num_classes <= (len(COLOURS) if cfg.distinct_colours else len(SHAPES) * len(COLOURS)):
+        errors.append(f"--num_classes must be in [3, {len(SHAPES) * len(COLOURS)}] ([3, {len(COLOURS)}] with "
+                      "--distinct_colours)")
     if cfg.distractors < 0 or cfg.distractor_objects < 1:
         errors.append("--distractors must be >= 0 and --distractor_objects >= 1")
     if cfg.min_gap < 0 or not 0.2 <= cfg.size_scale <= 3:
@@ -115,11 +118,14 @@ def class_of(shape: str, colour: str) -> SynthClass:
     return (f"{colour} {PLURALS[shape]}", shape, colour)
 
 
-def synth_classes(num_classes: int, rng: np.random.Generator) -> list[SynthClass]:
-    """Distinct (class name, shape, colour) triples drawn from every colour x shape pair."""
+def synth_classes(num_classes: int, rng: np.random.Generator, distinct_colours: bool = False) -> list[SynthClass]:
+    """Distinct (class name, shape, colour) triples drawn from every colour x shape pair (with distinct_colours:
+    no two share a colour)."""
     combos = [(c, s) for s in SHAPES for c in COLOURS]
-    picks = rng.permutation(len(combos))[:num_classes]
-    return [class_of(combos[i][1], combos[i][0]) for i in picks]
+    picks = [int(i) for i in rng.permutation(len(combos))]
+    if distinct_colours:
+        picks = [i for n, i in enumerate(picks) if combos[i][0] not in {combos[j][0] for j in picks[:n]}]
+    return [class_of(combos[i][1], combos[i][0]) for i in picks[:num_classes]]
 
 
 def compositional_classes(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, list[SynthClass]]:
@@ -144,7 +150,7 @@ def synth_split_classes(cfg: SynthConfig, rng: np.random.Generator) -> dict[str,
     """The classes named in each split's images."""
     if cfg.class_split == "compositional":
         return compositional_classes(cfg, rng)
-    classes = synth_classes(cfg.num_classes, rng)
+    classes = synth_classes(cfg.num_classes, rng, cfg.distinct_colours)
     if cfg.shared_classes or cfg.class_split == "shared":
         return {split: classes for split in ("train", "val", "test")}
     n_train_cls = max(1, cfg.num_classes // 2)
