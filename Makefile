@@ -73,7 +73,7 @@ bench-unseen: $(STAMP)
 # forward and every confident point per forward side by side, plus 61 to 80 objects (beyond the training
 # range); at most 40 minutes of training (~50 min in all).
 bench-dense: $(STAMP)
-	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense --steps 8000 --minutes 40 \
+	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense --steps 6000 --minutes 40 \
 		--variants mean,simple-token --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \
 		--points_per_step 1,auto --beyond_objects 61,80 --protocol text $(BENCH_SETTINGS) \
 		--test_images 200 --eval_images 20 --tune_threshold 0.5,0.7,0.9
