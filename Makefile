@@ -52,9 +52,9 @@ bench-learning-20min: $(STAMP)
 
 # The prompt issue's recipe (RESULTS.md section 1b): prompt before the image, FiLM class binding, done also
 # trained on prompts naming an absent class, marks of jittered size (so that the text protocol's own size
-# estimate is within what training showed), and an auxiliary loss naming the class of every image token that
-# holds an object (a training class). Both protocols counted on the same test images.
-PROMPT_SETTINGS := --protocol text,exemplar --negative_prompts 0.3 --mark_size_jitter 0.2 --class_loss 1.0
+# estimate is within what training showed). Both protocols counted on the same test images. (--class_loss 1.0,
+# which makes the second learning test's setting learnable, measured no better here: RESULTS.md.)
+PROMPT_SETTINGS := --protocol text,exemplar --negative_prompts 0.3 --mark_size_jitter 0.2
 
 # Named class plus objects of 1 or 2 other classes (1-6 each), seen classes, every class its own colour
 # (the hardest setting measured to count well: classes sharing a colour are what the tiny model confuses,
