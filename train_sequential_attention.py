@@ -233,9 +233,9 @@ def step_mode(step: int) -> str:
     return "cls" if step % 2 == 0 else "reg"
 
 
-def loss_weights(cfg) -> LossWeights:
-    """The loss terms' weights of a config (defaults for configs without the fields, e.g. a model's)."""
-    return LossWeights(object_map_focal=getattr(cfg, "object_map_focal", 0.0), classes=getattr(cfg, "class_loss", 0.0))
+def loss_weights(cfg: TrainConfig) -> LossWeights:
+    """The loss terms' weights the training config sets."""
+    return LossWeights(object_map_focal=cfg.object_map_focal, classes=cfg.class_loss)
 
 
 def state_loss(outputs: dict, batch, device, parts: dict | None = None, weights: LossWeights | None = None,
