@@ -72,7 +72,8 @@ bench-unseen: $(STAMP)
 
 # Dense scenes: 10 to 60 objects at 224 px (objects down to half an image token, 1 px apart), one point per
 # forward and every confident point per forward side by side, plus 61 to 80 objects (beyond the training
-# range). 3,700 steps: the budget of the measurement in the dense issue (MAE 8.89 before the guard).
+# range). 3,700 steps: the budget of the measurement in the dense issue (MAE 8.89 before the guard). The flags
+# after $(BENCH_SETTINGS) override its values (the last occurrence of a flag wins).
 bench-dense: $(STAMP)
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense --steps 3700 --minutes 40 \
 		--variants mean,simple-token --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \
