@@ -13,6 +13,7 @@ STAMP := $(VENV)/.requirements-installed
 	bench-dense smoke-2b gpu-check
 
 venv: $(STAMP)
+	@echo "$(VENV) is set up from requirements.txt: $(VENV)/bin/python"
 
 $(STAMP): requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -79,3 +80,17 @@ bench-dense: $(STAMP)
 		--variants mean,simple-token --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \
 		--points_per_step 1,auto --beyond_objects 61,80 --protocol text $(BENCH_SETTINGS) \
 		--test_images 100 --eval_images 20 --tune_threshold 0.5,0.7,0.9
+
+# Qwen2-VL-2B's architecture with random weights (built once into models/, ~4.4 GB) through the real
+# 4-bit + LoRA path: one training step at batch 2 on 384 x 576 images, one counting step (CPU: ~15 min).
+smoke-2b: $(STAMP)
+	$(VENV)/bin/python smoke_2b.py --output_dir runs/smoke_2b
+
+# On a machine with one CUDA GPU and nothing downloaded: Qwen2-VL-2B's architecture built there with random weights,
+# through the real 4-bit + LoRA path; training steps at batch 2 on 384 x 576 images with and without gradient
+# checkpointing, the bare backbone forward + backward, counting at batch 1 and 8, the dtypes computed in ->
+# runs/gpu_check/gpu.json. Runs on the Python that already has torch (no venv, no W&B; PYTHON=... to choose it),
+# names any missing package, and installs missing ones from a folder of wheels with WHEELS=DIR, offline. Stops with
+# a message and exit code 2 without a GPU.
+gpu-check:
+	$(PYTHON) smoke_2b.py --gpu_check --output_dir runs/gpu_check $(if $(WHEELS),--wheels $(WHEELS),)

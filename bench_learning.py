@@ -71,8 +71,8 @@ class BenchConfig:
     image_size: int = arg(112, "synthetic image height; widths are drawn in [size, 1.25 * size]")
     max_image_size: int = arg(0, "heights drawn in [--image_size, this] (widths in [--image_size, 1.25 x this]; 0: "
                               "every image --image_size high)")
-    num_classes: int = arg(6, "object classes (shape + colour); with --class_split compositional the grid is "
-                           "--num_colours x --num_colours")
+    num_classes: int = arg(0, "object classes (shape + colour) of --class_split shared or disjoint (0: 6); compositional "
+                           "uses the whole --num_colours x --num_colours grid (leave this at 0)")
     num_colours: int = arg(6, "with --class_split compositional: colours and shapes of the grid")
     background: str = arg("textured", "textured (gradient, noise, stripes or speckle) or plain (one colour) backgrounds")
     fresh_images: bool = arg(False, "train on freshly generated images (same generator; never the same image twice) "
@@ -208,7 +208,8 @@ def synth_config(cfg: BenchConfig) -> SynthConfig:
     return SynthConfig(out=os.path.join(cfg.output_dir, "data"), num_images=cfg.num_images, seed=cfg.seed,
                        min_objects=cfg.min_objects, max_objects=cfg.max_objects, image_height=cfg.image_size,
                        max_height=cfg.max_image_size, min_width=cfg.image_size,
-                       max_width=round(1.25 * max(cfg.image_size, cfg.max_image_size)), num_classes=cfg.num_classes,
+                       max_width=round(1.25 * max(cfg.image_size, cfg.max_image_size)),
+                       num_classes=cfg.num_classes or (0 if cfg.class_split == "compositional" else 6),
                        class_split=cfg.class_split, num_shapes=cfg.num_colours, num_colours=cfg.num_colours,
                        background=cfg.background, distractors=cfg.distractors,
                        distractor_objects=cfg.distractor_objects, distinct_colours=cfg.distinct_colours,
@@ -303,9 +304,10 @@ def run_mean_baseline(cfg: BenchConfig, data_root: str, tests: dict[str, FSC147D
                "exact_acc": exact_accuracy(np.full_like(gt, np.round(mean)), gt),
                "within_1": float(np.mean(np.abs(gt - np.round(mean)) <= 1)), "mean_gt": float(gt.mean()),
                "n_images": len(gt)}
-        totals = [len(e["all_points"]) for e in entries if "all_points" in e]
-        if totals:
+        totals = [len(e["all_points"]) for e in entries if len(e.get("all_points", ())) > len(e["points"])]
+        if totals:  # over the images that hold other classes' objects, as evaluate_counting.says_total
             row["says_total"] = float(np.mean(np.round(mean) == np.array(totals)))
+            row["n_with_distractors"] = len(totals)
         rows.append(row)
     return rows
 
@@ -324,8 +326,10 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
     from train_sequential_attention import evaluate, fixed_val_batches
 
     model, _ = load_checkpoint(checkpoint, device="cpu")
-    states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), tests["test"]))
     val = FSC147Dataset(data_root, "val")
+    # Done accuracy and |xy error| on 64 val images' counting states, marks sized from the exemplar boxes as in
+    # training: one figure per variant, whatever the protocol of the counting rows below.
+    states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), val))
     rows = []
     for protocol in parse_variants(cfg.protocol):
         def count(ds, t, mode, bar):
@@ -352,8 +356,9 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
                     "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
                     **{k: counting[k] for k in ("mae", "rmse", "nae", "within_1", "mean_gt", "forwards_per_image",
                                                 "precision", "recall", "f1", "n_capped", "n_stopped_on_duplicates",
-                                                "n_images", "says_total", "object_size_rel_err") if k in counting},
-                    "done_acc": states["val/done_acc"], "xy_abs_err": states["val/xy_abs_err"],
+                                                "n_images", "says_total", "n_with_distractors", "object_size_rel_err")
+                       if counting.get(k) is not None},
+                    "val_states_done_acc": states["val/done_acc"], "val_states_xy_abs_err": states["val/xy_abs_err"],
                     "done_threshold": threshold, "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
                 })
     return rows
@@ -468,11 +473,16 @@ def markdown_table(results: list[dict]) -> str:
             ("nae", "NAE", "{:.3f}"), ("within_1", "within 1", "{:.3f}"), ("mean_gt", "mean gt", "{:.1f}"),
             ("forwards_per_image", "forwards/img", "{:.1f}"), ("bias", "mean pred - gt", "{:+.2f}"),
             ("says_total", "says total", "{:.3f}"), ("object_size_rel_err", "size err", "{:.3f}"),
-            ("f1", "loc F1", "{:.3f}"), ("done_acc", "done acc", "{:.3f}"), ("done_threshold", "threshold", "{}"), ("n_capped", "capped", "{}"),
+            ("f1", "loc F1", "{:.3f}"), ("val_states_done_acc", "done acc (val states)", "{:.3f}"),
+            ("done_threshold", "threshold", "{}"), ("n_capped", "capped", "{}"),
             ("status", "status", "{}")]
+    per_variant = {"val_states_done_acc"}  # one figure per trained variant: shown on its first row only
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    seen = set()
     for r in results:
-        lines.append("| " + " | ".join(fmt.format(r[k]) if k in r else "-" for k, _, fmt in cols) + " |")
+        shown = {k: r[k] for k, _, _ in cols if r.get(k) is not None and not (k in per_variant and r["variant"] in seen)}
+        seen.add(r["variant"])
+        lines.append("| " + " | ".join(fmt.format(shown[k]) if k in shown else "-" for k, _, fmt in cols) + " |")
     return "\n".join(lines)
 
 

@@ -74,8 +74,8 @@ class CountResult:
     steps: int  # forward passes spent on the image (K + 1 when it stopped on done, one point per step)
     capped: bool  # stopped at max_count rather than on done
     n_outside: int  # predicted points outside the image (recorded, marked and fed back at the image's edge)
-    n_duplicate: int  # points the model chose on already-counted objects (within half an object size): rejected
-    #                   by the guard, or recorded and counted without it
+    n_duplicate: int  # points on already-counted objects (within half an object size): without the guard every
+    #                   such point committed; with it, the steps whose chosen point it rejected
     done_probs: list[float] = field(default_factory=list)  # sigmoid(done) at each step
     mark_radius: int = 0  # the radius its marks were drawn with, in pixels
     object_size: float | None = None  # text-only protocol: the model's estimate of the objects' size, in pixels
@@ -162,18 +162,23 @@ def duplicate_distance(radius: int) -> float:
 
 
 def choose_points(state: _State, candidates: list, limit: int, guard: bool) -> list[np.ndarray]:
-    """The points to commit this step, in pixels: up to `limit` candidates, none on a counted object (within
-    `duplicate_distance` of a counted point: the guard) nor on the same object as another one chosen with it
-    (one object seen from two tokens). A first candidate (the model's own choice) on a counted object is a
-    duplicate; without the guard it is counted all the same."""
+    """The points to commit this step, in pixels: up to `limit` candidates, none on the same object as another
+    one chosen with it (one object seen from two tokens) and, with the guard, none on a counted object (within
+    `duplicate_distance` of a point counted at an earlier step).
+
+    Duplicates (`n_duplicate`): without the guard, every committed point on a counted object (each one counts an
+    object twice); with the guard, the model's own choice (the first candidate) when it lies on a counted object
+    and is rejected (the other candidates are only fallbacks, so skipping them is no duplicate)."""
     chosen = []
     same_object = duplicate_distance(state.radius)
     for i, (x, y) in enumerate(candidates):
         point, outside = state.pixel(x, y)
-        on_counted = state.near_counted(point, same_object)
-        state.n_duplicate += int(i == 0 and on_counted)
-        if (guard and on_counted) or any(np.hypot(*(point - c)) < same_object for c in chosen):
+        if any(np.hypot(*(point - c)) < same_object for c in chosen):
             continue
+        if state.near_counted(point, same_object):
+            state.n_duplicate += int(i == 0 or not guard)
+            if guard:
+                continue
         chosen.append(point)
         state.n_outside += int(outside)
         if len(chosen) == limit:
@@ -288,7 +293,8 @@ def main(argv=None) -> int:
                             "or --mark_radius)")
         exemplar_boxes: str = arg("", "with --protocol exemplar: boxes around a few of the objects, "
                                   "'x1,y1,x2,y2;x1,y1,x2,y2;...' in pixels; marks are sized from them, as in training")
-        mark_radius: int = arg(0, "with --protocol exemplar: mark radius in pixels instead of --exemplar_boxes")
+        mark_radius: int = arg(0, "with --protocol exemplar: mark radius in pixels instead of --exemplar_boxes (not "
+                               "both)")
         done_threshold: float = arg(0.5, "stop when sigmoid(done) exceeds this")
         max_count: int = arg(MAX_COUNT, "stop after this many points")
         device: str = arg("auto", "auto, cpu or cuda")
@@ -308,6 +314,8 @@ def main(argv=None) -> int:
                           "add --protocol exemplar")
         elif cfg.protocol == "exemplar" and not (cfg.exemplar_boxes or cfg.mark_radius):
             errors.append("--protocol exemplar needs --exemplar_boxes or --mark_radius")
+        elif cfg.exemplar_boxes and cfg.mark_radius:
+            errors.append("--exemplar_boxes and --mark_radius both set the marks' size: give one of them")
         try:
             parse_boxes(cfg.exemplar_boxes)
         except ValueError as e:

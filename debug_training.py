@@ -18,6 +18,7 @@ Prints a PASS/FAIL table and exits 1 on any FAIL (2 on a usage error).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from dataset_fsc147 import FSC147Dataset, denormalize_points, normalize_points, 
 from model_loading import build_model, device_of, model_inputs
 from run_logging import grad_norms, grad_verdict
 from synthetic_fsc147 import SynthConfig
-from train_sequential_attention import TrainConfig, build_optimizer, state_loss, validate_train_config
+from train_sequential_attention import TrainConfig, build_optimizer, loss_weights, state_loss, validate_train_config
 
 GRAD_FAIL_BELOW = 1e-4
 
@@ -92,14 +93,16 @@ def check_normalisation(report: Report) -> None:
     report.add("normalisation round trip", err < 1e-3 and corners, f"max error {err:.2e} px, corners -> +-1: {corners}")
 
 
-def total_loss(model, inputs: dict, batches: dict) -> tuple[torch.Tensor, dict]:
-    """loss_cls + loss_reg on the fixed batches; also returns the outputs per mode."""
+def total_loss(cfg: DebugConfig, model, inputs: dict, batches: dict) -> tuple[torch.Tensor, dict]:
+    """loss_cls + loss_reg on the fixed batches, with the loss terms and weights training uses (`loss_weights`:
+    --object_map_focal, --class_loss); also returns the outputs per mode."""
     device = device_of(model)
     outs, loss = {}, 0.0
     for mode, batch in batches.items():
         out = model(inputs[mode], counted=batch.counted)
         outs[mode] = out
-        loss = loss + state_loss(out, batch, device)
+        loss = loss + state_loss(out, batch, device, weights=loss_weights(cfg),
+                                 vocabulary=getattr(model, "class_vocabulary", ()))
     return loss, outs
 
 
@@ -111,12 +114,14 @@ def run_checks(cfg: DebugConfig) -> Report:
     samples = [s for s in (dataset[i] for i in range(len(dataset))) if s is not None][:cfg.batch_size]
     rng = np.random.default_rng(cfg.seed)
     batches = {mode: prepare_batch(samples, mode, rng, cfg.target_strategy) for mode in ("cls", "reg")}
+    if cfg.class_loss and not cfg.class_vocabulary:  # the class head's classes, as training sets them
+        cfg = dataclasses.replace(cfg, class_vocabulary=json.dumps(dataset.class_names))
     model = build_model(cfg)
     model.eval()  # no dropout: the loss before and after the step is measured on the same function
     device = device_of(model)
     inputs = {mode: model_inputs(model, b, device) for mode, b in batches.items()}
 
-    loss, outs = total_loss(model, inputs, batches)
+    loss, outs = total_loss(cfg, model, inputs, batches)
     n = len(samples)
     for mode, out in outs.items():
         shapes = all(tuple(out[k].shape) == (n,) for k in ("x", "y", "done_logit"))
@@ -135,7 +140,7 @@ def run_checks(cfg: DebugConfig) -> Report:
                    f"{norm:.6f} ({grad_verdict(norm)}; FAIL below {GRAD_FAIL_BELOW:g})")
     optimizer.step()
     with torch.no_grad():
-        after, _ = total_loss(model, inputs, batches)
+        after, _ = total_loss(cfg, model, inputs, batches)
     before, after = loss.item(), after.item()
     report.add("loss direction", after < before, f"{before:.6f} -> {after:.6f} after one step at lr {cfg.lr:g}")
 

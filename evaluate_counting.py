@@ -18,8 +18,8 @@ Metrics (as in the FSC-147 literature; ground truth = number of annotated points
   (scipy.optimize.linear_sum_assignment on distances) within a radius, by default half the mean
   exemplar box size of the image (an evaluation-side use of the boxes under either protocol).
   says_total: where the annotation lists every object (`all_points`, written for synthetic images with
-  distractors), the share of images whose count equals the number of objects of all classes: a counter
-  that ignores the class name scores high.
+  distractors), the share of the images holding other classes' objects (n_with_distractors of them) whose
+  count equals the number of objects of all classes: a counter that ignores the class name scores high.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class EvalConfig:
                                "results.json says what it cost")
     duplicate_guard: bool = arg(True, "a point within half an object size of a counted one is not counted: the loop takes "
                                 "the model's next candidate or stops the image (stopped_on_duplicates)")
-    max_images: int = arg(0, "count only N images of the split, a fixed sample spread over its classes (0: all)")
+    max_images: int = arg(0, "count only N images of the split, a fixed sample spread over its classes (0: all); "
+                          "results.json then says subset and not complete")
     match_radius: float = arg(0.0, "localisation match radius in pixels (0: half the image's mean exemplar box size)")
     save_overlays: int = arg(0, "write PNGs of the first K images: predicted marks | ground-truth dots")
     device: str = arg("auto", "auto, cpu or cuda")
@@ -131,12 +132,15 @@ def summarize(records: list[dict], elapsed_s: float) -> dict:
 
 
 def says_total(records: list[dict]) -> dict:
-    """Share of the images listing every object (`all_count`) whose count equals it; {} when none does."""
+    """Share of the images holding objects of other classes (`all_count` above `gt_count`) whose count equals the
+    number of objects of every class, and how many such images there are; {} when no image lists every object.
+    Images where no distractor fitted are left out: there the total is the right count, not a confusion."""
     with_all = [r for r in records if r.get("all_count") is not None]
     if not with_all:
         return {}
-    return {"says_total": float(np.mean([r["pred_count"] == r["all_count"] for r in with_all])),
-            "n_with_all_points": len(with_all)}
+    mixed = [r for r in with_all if r["all_count"] > r["gt_count"]]
+    return {"says_total": float(np.mean([r["pred_count"] == r["all_count"] for r in mixed])) if mixed else None,
+            "n_with_distractors": len(mixed), "n_with_all_points": len(with_all)}
 
 
 def size_error(records: list[dict]) -> dict:
@@ -238,11 +242,14 @@ def count_dataset(model, dataset, settings: CountSettings, max_images: int = 0, 
     bar.close()
     records = [image_record(s, r, match_radius or default_radius(s.boxes, *s.image.size))
                for s, r in zip(samples, results)]
-    whole_split = indices is None and not max_images
-    listed = dataset.num_listed if whole_split else len(asked)
+    # A published MAE is over every image the split lists: a --max_images sample is never complete, however
+    # well it went; training's slices (`indices`) are complete when every asked image was counted.
+    subset = indices is None and len(asked) < len(dataset)
+    listed = len(asked) if indices is not None else dataset.num_listed
+    unusable = dataset.num_skipped if indices is None and not subset else 0  # rejected when the split was read
     summary = {"protocol": settings.protocol, "points_per_step": settings.points_per_step or "auto",
-               **summarize(records, elapsed), "n_skipped": skipped + (dataset.num_skipped if whole_split else 0),
-               "n_listed": listed, "complete": len(records) == listed}
+               **summarize(records, elapsed), "n_skipped": skipped + unusable, "n_asked": len(asked),
+               "n_listed": listed, "subset": subset, "complete": len(records) == listed and not subset}
     return records, summary, samples, results
 
 
@@ -250,9 +257,12 @@ def incomplete_warning(summary: dict, split: str) -> str:
     """The line printed when some listed images were not counted, or "" when all were."""
     if summary.get("complete", True):
         return ""
+    why = (f"a sample of {summary['n_asked']} (--max_images)" if summary.get("subset") else
+           f"{summary['n_listed'] - summary['n_images']} unreadable or unusable, see the log")
+    if summary.get("subset") and summary["n_images"] < summary["n_asked"]:
+        why += f", {summary['n_asked'] - summary['n_images']} of them unreadable"
     return (f"WARNING: counted {summary['n_images']} of the {summary['n_listed']} images listed in split {split!r} "
-            f"({summary['n_listed'] - summary['n_images']} unreadable or unusable, see the log): these metrics are "
-            "not over the whole split and do not compare with published results on it")
+            f"({why}): these metrics are not over the whole split and do not compare with published results on it")
 
 
 def print_summary(summary: dict, split: str) -> None:
@@ -264,8 +274,8 @@ def print_summary(summary: dict, split: str) -> None:
             ("within 1", f"{summary['within_1']:.3f}"), ("forwards per image", f"{summary['forwards_per_image']:.2f}"),
             ("skipped", f"{summary['n_skipped']}"), ("counted / listed", f"{summary['n_images']} / {summary['n_listed']}"),
             ("images/s", f"{summary['images_per_s']:.2f}")]
-    if "says_total" in summary:
-        rows.append(("says_total", f"{summary['says_total']:.3f}"))
+    if summary.get("says_total") is not None:
+        rows.append(("says_total", f"{summary['says_total']:.3f} of {summary['n_with_distractors']}"))
     if "object_size_rel_err" in summary:
         rows.append(("object size rel. error", f"{summary['object_size_rel_err']:.3f}"))
     if "baseline_mean_mae" in summary:

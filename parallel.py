@@ -1,5 +1,5 @@
 """Several processes (`accelerate launch` / torchrun): joining the group, the few collectives training needs,
-and the stop signals each process catches.
+the stop signals each process catches, and DataLoader workers that die with their run.
 
 Every function is a no-op (or the identity) in a single process, so the training loop calls them
 unconditionally. Every tensor a collective sends lives on `device`, the process's training device:
@@ -221,6 +221,30 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     if isinstance(state.get("python"), dict):
         py = state["python"]
         random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+
+
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2  # prctl(2) options (Linux)
+
+
+def exit_with_parent(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the kernel kills this worker when the process that started it dies.
+
+    PyTorch's workers notice a dead parent only between items (every 5 s in their queue loop); one blocked in
+    an item or in handing a batch to a parent that is gone (a full pipe) outlives a SIGKILLed run as an idle
+    orphan. Linux only; elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the death signal was set
+        os._exit(1)
 
 
 def install_stop_handlers() -> tuple[dict, dict]:

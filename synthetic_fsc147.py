@@ -46,6 +46,7 @@ GRID_SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond
 GRID_COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
 BACKGROUND_DISTANCE = 100  # a plain background differs from every object colour in the image by this (L1)
 
+DEFAULT_NUM_CLASSES = 12  # --num_classes 0 with --class_split disjoint or shared
 SynthClass = tuple[str, str, str]  # (class name, shape, colour), e.g. ("red stars", "star", "red")
 
 
@@ -60,7 +61,9 @@ class SynthConfig:
     max_height: int = arg(0, "heights are drawn uniformly in [image_height, max_height] (0: all image_height)")
     min_width: int = arg(384, "image widths are drawn uniformly in [min_width, max_width]")
     max_width: int = arg(576, "widest image")
-    num_classes: int = arg(12, "classes (colour + shape); disjoint split 50/25/25 over train/val/test")
+    num_classes: int = arg(0, f"classes (colour + shape) of --class_split disjoint (split 50/25/25 over train/val/test) "
+                           f"or shared (0: {DEFAULT_NUM_CLASSES}); compositional takes the whole --num_colours x "
+                           "--num_colours grid, so leave it at 0 there")
     distinct_colours: bool = arg(False, "every class has a colour of its own (at most 8 classes): the colour word alone "
                                  "tells the named class from the others")
     shared_classes: bool = arg(False, "the same as --class_split shared (kept for existing scripts)")
@@ -101,7 +104,14 @@ def validate_synth(cfg: SynthConfig) -> list[str]:
         if cfg.num_shapes != cfg.num_colours:
             errors.append("--num_shapes and --num_colours must be equal: val and test each hold one pair per "
                           "colour and per shape")
-    elif not 3 <= cfg.num_classes <= (len(COLOURS) if cfg.distinct_colours else len(SHAPES) * len(COLOURS)):
+        if cfg.num_classes not in (0, cfg.num_colours * cfg.num_shapes):
+            errors.append(f"--num_classes {cfg.num_classes}: --class_split compositional uses every pair of its "
+                          f"--num_colours x --num_shapes grid ({cfg.num_colours * cfg.num_shapes}); leave --num_classes "
+                          "at 0 and set the grid's size with --num_colours and --num_shapes")
+        if cfg.distinct_colours:
+            errors.append("--distinct_colours cannot hold with --class_split compositional: its grid gives every "
+                          "colour to several shapes (that is what it tests)")
+    elif not 3 <= num_classes_of(cfg) <= (len(COLOURS) if cfg.distinct_colours else len(SHAPES) * len(COLOURS)):
         errors.append(f"--num_classes must be in [3, {len(SHAPES) * len(COLOURS)}] ([3, {len(COLOURS)}] with "
                       "--distinct_colours)")
     if cfg.distractors < 0 or cfg.distractor_objects < 1:
@@ -112,6 +122,11 @@ def validate_synth(cfg: SynthConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- classes
+
+
+def num_classes_of(cfg: SynthConfig) -> int:
+    """The number of classes of a disjoint or shared split (--num_classes, 0 for the default)."""
+    return cfg.num_classes or DEFAULT_NUM_CLASSES
 
 
 def class_of(shape: str, colour: str) -> SynthClass:
@@ -150,11 +165,12 @@ def synth_split_classes(cfg: SynthConfig, rng: np.random.Generator) -> dict[str,
     """The classes named in each split's images."""
     if cfg.class_split == "compositional":
         return compositional_classes(cfg, rng)
-    classes = synth_classes(cfg.num_classes, rng, cfg.distinct_colours)
+    n = num_classes_of(cfg)
+    classes = synth_classes(n, rng, cfg.distinct_colours)
     if cfg.shared_classes or cfg.class_split == "shared":
         return {split: classes for split in ("train", "val", "test")}
-    n_train_cls = max(1, cfg.num_classes // 2)
-    n_val_cls = max(1, (cfg.num_classes - n_train_cls) // 2)
+    n_train_cls = max(1, n // 2)
+    n_val_cls = max(1, (n - n_train_cls) // 2)
     return {"train": classes[:n_train_cls], "val": classes[n_train_cls:n_train_cls + n_val_cls],
             "test": classes[n_train_cls + n_val_cls:]}
 

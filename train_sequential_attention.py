@@ -43,7 +43,8 @@ from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImage
 from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
                            save_checkpoint, validate_model_config)
 from model_sequential_simple import LossWeights, compute_loss
-from parallel import (ProcessFailure, any_rank, average_gradients, barrier, describe_failure, gather_to_rank0,
+from parallel import (ProcessFailure, any_rank, average_gradients, barrier, describe_failure, exit_with_parent,
+                      gather_to_rank0,
                       init_distributed, install_stop_handlers, mean_over_processes, raise_if_any_failed, rank_and_world,
                       rng_state, set_rng_state, shared_failures, sum_over_processes, sync_parameters)
 from run_logging import (MetricsLogger, grad_norm_tensor, log_overlays, peak_memory_mb, print_grad_check,
@@ -134,6 +135,9 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append("one of --epochs or --max_steps must be > 0")
     if cfg.synthetic_train and cfg.max_steps == 0:
         errors.append("--synthetic_train makes new images without end: set --max_steps")
+    if cfg.synthetic_train and (cfg.max_train_images or cfg.train_split != "train"):
+        errors.append("--synthetic_train draws new images of the generator's training classes and reads no split: "
+                      "--max_train_images and --train_split do not apply to it (drop them, or drop --synthetic_train)")
     if not 0 <= cfg.mark_jitter <= 1:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     if not 0 <= cfg.near_done_fraction <= 1:
@@ -194,7 +198,8 @@ def build_loader(cfg: TrainConfig, dataset, epoch: int, start_batch: int = 0, ra
     indices = [i for b in range(start_batch, n_batches)
                for i in order[b * size + rank * cfg.batch_size:b * size + (rank + 1) * cfg.batch_size]]
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, collate_fn=collate_samples,
-                                       num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(epoch))
+                                       num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(epoch),
+                                       worker_init_fn=exit_with_parent if cfg.num_workers else None)
 
 
 def fixed_val_batches(cfg: TrainConfig, dataset) -> list:
@@ -348,7 +353,7 @@ def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
     log_overlays(run, [overlay(s, r) for s, r in list(zip(samples, results))[:cfg.eval_overlays]],
                  [f"{s.id} {s.class_name}: pred {r.count} gt {len(s.points)}" for s, r in zip(samples, results)])
     result = {f"val/count_{k}": summary[k] for k in ("mae", "rmse", "nae", "f1", "n_capped", "n_images", "images_per_s",
-                                                     "says_total", "object_size_rel_err") if k in summary}
+                                                     "says_total", "object_size_rel_err") if summary.get(k) is not None}
     if "baseline_mean_mae" in summary:
         result["val/count_mae_mean_baseline"] = summary["baseline_mean_mae"]
     return result

@@ -34,7 +34,12 @@ def test_bench_learning_writes_table_json_and_plot(tmp_path, capsys):
     assert os.path.getmtime(out / "data" / "bench_settings.json") == stamp
 
 
-def test_bench_learning_rows_per_protocol_with_distractors(tmp_path):
+def test_bench_learning_rows_per_protocol_with_distractors(tmp_path, monkeypatch):
+    import train_sequential_attention as train_mod
+
+    state_splits = []  # the split whose counting states give done acc and |xy error|
+    real = train_mod.fixed_val_batches
+    monkeypatch.setattr(train_mod, "fixed_val_batches", lambda cfg, ds: state_splits.append(ds.split) or real(cfg, ds))
     out = tmp_path / "bench"
     assert bench_learning.main(["--output_dir", str(out), "--variants", "mean,simple-token-before-film",
                                 "--protocol", "text,exemplar", "--distractors", "2", "--steps", "2",
@@ -48,6 +53,13 @@ def test_bench_learning_rows_per_protocol_with_distractors(tmp_path):
     # Every test image holds other classes: says_total is measured, on the same images as the counts.
     assert all(0 <= r["says_total"] <= 1 and r["n_images"] == 3 for r in rows)
     assert "object_size_rel_err" in rows[1] and "object_size_rel_err" not in rows[2]  # estimated only under text
+    # Done acc and |xy error| are one figure per variant, from val images' states (never test images), named so;
+    # the table shows it on the variant's first row only, not as if each protocol had measured it.
+    assert state_splits[-1] == "val" and "test" not in state_splits
+    assert "done_acc" not in rows[1] and rows[1]["val_states_done_acc"] == rows[2]["val_states_done_acc"]
+    table = [line for line in open(out / "results.md").read().splitlines() if line.startswith("|")]
+    col = table[0].split(" | ").index("done acc (val states)")
+    assert [line.split(" | ")[col] for line in table[3:]] == [f"{rows[1]['val_states_done_acc']:.3f}", "-"]
     for protocol in ("text", "exemplar"):
         saved = json.load(open(out / "simple-token-before-film" / f"test_results_{protocol}.json"))
         assert saved["summary"]["protocol"] == protocol
@@ -87,3 +99,13 @@ def test_bench_speed_reports_ratios(tmp_path):
     assert step["ratio"] == pytest.approx(step["train_step_s"] / step["bare_forward_backward_s"])
     assert step["ratio"] > 0 and data["states_plus_processor_over_processor"] > 0
     assert set(data["loader_samples_per_s"]) == {"0", "2"}
+
+
+def test_bench_counting_runs_every_step_on_an_untrained_model(capsys):
+    """An untrained model points at counted objects: with the duplicate guard on, 5 of these 8 images stopped
+    early and the benchmark's check failed (the batch sizes would not do the same work). Counting speed is
+    measured with the guard off, as smoke_2b.py's GPU check does."""
+    import bench_counting
+
+    assert bench_counting.main(["--num_images", "8", "--steps", "8", "--repeats", "1", "--batch_sizes", "1,8"]) == 0
+    assert "| 8 |" in capsys.readouterr().out

@@ -393,3 +393,74 @@ def test_default_caps_cover_the_densest_fsc147_image():
 
     assert eval_mod.EvalConfig().max_count > 3731
     assert inspect.signature(count_objects).parameters["max_count"].default > 3731
+
+
+def test_without_the_guard_every_point_on_a_counted_object_is_a_duplicate():
+    """Several points per step, no guard: step 2 commits the same four objects again, each on a counted one."""
+    image = Image.new("RGB", (400, 300), (40, 60, 80))
+    model = TokenScriptedModel(CANDIDATES, OBJECT_LOGITS, NEXT_LOGITS, want=100)
+    result = count_objects(model, [image], ["dots"], protocol="exemplar", mark_radii=[8], points_per_step=0,
+                           max_count=8, duplicate_guard=False)[0]
+    # Step 1: the four objects (the near-copy of the first is the same object, skipped). Step 2: the same four
+    # again, every one of them within half an object size of a counted point: four duplicates, not one.
+    assert result.count == 8 and result.steps == 2 and result.capped
+    np.testing.assert_allclose(result.points, PIXELS + PIXELS)
+    assert result.n_duplicate == 4
+    two = count_objects(TokenScriptedModel(CANDIDATES, OBJECT_LOGITS, NEXT_LOGITS, want=100), [image], ["dots"],
+                        protocol="exemplar", mark_radii=[8], points_per_step=2, max_count=4, duplicate_guard=False)[0]
+    assert two.count == 4 and two.n_duplicate == 2  # step 2 commits the first two again
+
+
+def test_duplicate_distance_is_half_the_object_size_of_the_mark():
+    # A mark of radius 7 is drawn for objects of 7 / 0.35 = 20 px; neighbours that touch are 20 px apart, so two
+    # points closer than 10 px are on one object.
+    assert count_mod.duplicate_distance(7) == pytest.approx(10.0)
+    # Through the loop on a 400 x 300 image (radius 7): a point 11 px right of the first is a neighbour (counted),
+    # one 9 px below it is the same object (skipped).
+    candidates = [(-0.5, -0.5), (2 * 111 / 400 - 1, -0.5), (-0.5, 2 * 84 / 300 - 1)]
+    model = TokenScriptedModel(candidates, [4.0, 3.0, 2.0], [9.0, 8.0, 7.0], want=2)
+    result = count_objects(model, [Image.new("RGB", (400, 300))], ["dots"], protocol="exemplar", mark_radii=[7],
+                           points_per_step=0)[0]
+    assert result.count == 2 and result.steps == 2
+    np.testing.assert_allclose(result.points, [[100, 75], [111, 75]], atol=1e-3)
+
+
+def test_estimated_object_size_on_a_non_square_image():
+    # Qwen2-VL tokens are 28 x 28 pixels: on a 576 x 384 image a token spans 2 * 28 / 576 of the x range [-1, 1]
+    # and 2 * 28 / 384 of the y range. log_size ln 3: objects three tokens wide = 84 px. With width and height
+    # swapped the same outputs would give (28 * 384 / 576 + 28 * 576 / 384) / 2 * 3 = 91 px.
+    outputs = {"log_size": torch.tensor([math.log(3.0)]), "cell": torch.tensor([[2 * 28 / 576, 2 * 28 / 384]])}
+    assert count_mod.estimated_object_size(outputs, 0, 576, 384) == pytest.approx(84.0, rel=1e-5)
+    # Cells of unequal pixel size: x 0.1 of 2 units of 576 px = 28.8 px, y 0.2 of 2 units of 384 px = 38.4 px.
+    outputs["cell"] = torch.tensor([[0.1, 0.2]])
+    assert count_mod.estimated_object_size(outputs, 0, 576, 384) == pytest.approx(3 * (28.8 + 38.4) / 2, rel=1e-5)
+
+
+def test_says_total_counts_only_images_that_hold_other_classes():
+    records = [  # gt 3 of 5 objects: says the total; gt 4 of 4 (no distractor fitted): right count, not a total
+        {"pred_count": 5, "gt_count": 3, "all_count": 5}, {"pred_count": 4, "gt_count": 4, "all_count": 4},
+        {"pred_count": 2, "gt_count": 2, "all_count": 6}, {"pred_count": 3, "gt_count": 3, "all_count": None}]
+    assert eval_mod.says_total(records) == {"says_total": 0.5, "n_with_distractors": 2, "n_with_all_points": 3}
+    assert eval_mod.says_total(records[1:2])["says_total"] is None  # nothing to tell it from
+    assert eval_mod.says_total(records[3:]) == {}
+
+
+def test_a_max_images_sample_is_not_reported_as_the_whole_split(trained_run, synth_root, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    assert eval_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-last"), "--data_root", synth_root,
+                          "--output_dir", out, "--max_count", "2", "--max_images", "3"]) == 0
+    summary = json.load(open(os.path.join(out, "results.json")))["summary"]
+    assert summary["n_images"] == summary["n_asked"] == 3 and summary["n_listed"] == 6
+    assert summary["subset"] is True and summary["complete"] is False
+    printed = capsys.readouterr().out
+    assert "WARNING: counted 3 of the 6 images listed in split 'val' (a sample of 3 (--max_images))" in printed
+    assert "3 / 6" in printed
+
+
+def test_count_objects_cli_rejects_boxes_and_radius_together(trained_run, tmp_path, capsys):
+    good = str(tmp_path / "good.png")
+    Image.new("RGB", (64, 64)).save(good)
+    with pytest.raises(SystemExit):
+        count_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-last"), "--image", good, "--class_name",
+                        "x", "--protocol", "exemplar", "--exemplar_boxes", "1,2,30,40", "--mark_radius", "6"])
+    assert "--exemplar_boxes and --mark_radius both set the marks' size" in capsys.readouterr().err

@@ -39,3 +39,21 @@ def test_debug_needs_data_root_without_tiny(capsys):
     with pytest.raises(SystemExit):
         debug_training.main([])
     assert "--tiny" in capsys.readouterr().err
+
+
+def test_debug_checks_the_loss_that_training_optimises(train_config, monkeypatch):
+    """--object_map_focal and --class_loss reach the diagnostic's loss (training's `loss_weights`), and the class
+    head gets the training split's classes, as in training."""
+    seen = []
+    real = debug_training.state_loss
+
+    def spy(outputs, batch, device, parts=None, weights=None, vocabulary=()):
+        seen.append((weights, list(vocabulary), "class_logits" in outputs))
+        return real(outputs, batch, device, parts, weights, vocabulary)
+
+    monkeypatch.setattr(debug_training, "state_loss", spy)
+    cfg = debug_training.DebugConfig(**{**dataclasses.asdict(train_config), "pointing": "token", "class_loss": 0.5,
+                                        "object_map_focal": 2.0})
+    report = debug_training.run_checks(cfg)
+    assert seen and all(w is not None and w.classes == 0.5 and w.object_map_focal == 2.0 for w, _, _ in seen)
+    assert all(vocab and has_class_head for _, vocab, has_class_head in seen)

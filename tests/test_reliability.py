@@ -104,3 +104,57 @@ def test_api_keys_never_reach_run_files(tmp_path, synth_root, tiny_model_dir, mo
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 assert secret.encode() not in f.read(), os.path.join(folder, name)
+
+
+STUCK_LOADER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import torch
+from train_sequential_attention import TrainConfig, build_loader
+
+class Stuck(torch.utils.data.Dataset):  # every item blocks: a worker busy when its run is killed
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        print("worker", os.getpid(), flush=True)
+        time.sleep(3600)
+
+next(iter(build_loader(TrainConfig(data_root="-", batch_size=2, num_workers=2), Stuck(), epoch=0)))
+"""
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead child that its new parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_a_killed_run_leaves_no_dataloader_worker_behind():
+    """SIGKILL the training loader's process while both workers are inside an item: the workers die with it
+    (PyTorch's own check runs only between items, so without exit_with_parent they sleep on as orphans)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_LOADER.format(root=ROOT)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = {int(proc.stdout.readline().split()[1]) for _ in range(2)}  # both workers are in an item
+        assert all(alive(pid) for pid in workers)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in workers if alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)  # do not leave them behind the test either
+        assert not left, f"DataLoader workers {left} outlived their killed parent"
+    finally:
+        proc.kill()

@@ -131,3 +131,19 @@ def test_bad_generator_settings_are_reported_together(capsys):
     with pytest.raises(SystemExit):
         dataset_main(["synth", "--out", "/tmp/x", "--class_split", "mixed"])
     assert "--class_split must be one of" in capsys.readouterr().err
+
+
+def test_compositional_split_rejects_the_flags_it_cannot_honour():
+    """The grid decides the classes: --num_classes other than its size and --distinct_colours are errors, not
+    silently ignored; the bench builds the same checks from its own flags."""
+    import bench_learning
+
+    assert validate_synth(SynthConfig(class_split="compositional")) == []
+    assert validate_synth(SynthConfig(class_split="compositional", num_classes=36)) == []  # the 6 x 6 grid itself
+    errors = validate_synth(SynthConfig(class_split="compositional", num_classes=99, distinct_colours=True))
+    assert any("--num_classes 99" in e for e in errors) and any("--distinct_colours cannot hold" in e for e in errors)
+    for flags in (["--num_classes", "99"], ["--distinct_colours"]):
+        with pytest.raises(SystemExit):
+            bench_learning.main(["--class_split", "compositional", *flags])
+    # Without compositional, --num_classes still sets the classes (0: the default of 12).
+    assert validate_synth(SynthConfig(num_classes=99)) and validate_synth(SynthConfig(num_classes=0)) == []

@@ -72,6 +72,13 @@ def test_unknown_flags_and_bad_values_are_all_reported(capsys):
         assert text in err
 
 
+def test_synthetic_train_rejects_the_split_flags_it_would_ignore(capsys):
+    for flags in (["--max_train_images", "10"], ["--train_split", "val"]):
+        with pytest.raises(SystemExit):
+            main(["--data_root", "x", "--synthetic_train", "--max_steps", "5", *flags])
+        assert "--synthetic_train draws new images" in capsys.readouterr().err
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
