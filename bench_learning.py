@@ -22,10 +22,17 @@ Each trained variant counts the test images under every --protocol: text (marks 
 own object-size estimate, no exemplar boxes) and/or exemplar (sized from the exemplar boxes); one row
 each. With --distractors, rows also report says_total (counted every object, of every class).
 
-The backbone is trained as --finetune says: lora4bit (4-bit NF4 + LoRA, the real recipe; by default
-LoRA also reaches the random vision encoder, which has nothing pretrained to keep), lora (the same
-LoRA on a full-precision backbone) or full (every backbone weight trains: a random backbone has nothing
-pretrained for LoRA to protect).
+Backbones (--backbone, comma-separated, rows side by side): random (a tiny random Qwen2-VL built from --seed:
+perception learnt from scratch while counting), pretrained (--pretrained_dir, built once by `make
+tiny-pretrained`: a stand-in for a pretrained VLM that knows classes, names and marks but not counting) and
+pretrained-strict (--pretrained_strict_dir, `make tiny-pretrained-strict`: never shown the compositional
+split's val and test pairs).
+
+Each backbone is trained as --finetune says (comma-separated, rows side by side): lora4bit (4-bit NF4 + LoRA,
+the README's recipe, with the training script's defaults: rank 16, alpha 32, the language model's projections,
+vision tower frozen and kept out of 4-bit), lora (the same LoRA on a full-precision backbone) or full (every
+backbone weight trains: a random backbone has nothing pretrained for LoRA to protect). --lora_vision and
+--lora_r change the LoRA rows.
 
 Writes OUTPUT_DIR/results.json, results.md (table) and learning.png (training losses and val count MAE
 per variant), plus data/, model/ and one training run folder per variant.
@@ -50,6 +57,9 @@ from synthetic_fsc147 import SynthConfig, validate_synth
 from train_sequential_attention import TrainConfig
 
 VARIANT_MODELS = ("simple", "attention")
+FINETUNES = ("lora4bit", "lora", "full")
+BACKBONES = ("random", "pretrained", "pretrained-strict")
+TINY_FIELDS = ("vision_width", "vision_depth", "text_width", "text_layers", "bpe_vocab")  # must match a pretrained one
 VARIANT_SUFFIXES = ("token", "nearest", "before", "film")
 TEXT_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 VISION_LORA = "qkv,proj,fc1,fc2"  # Qwen2-VL vision blocks (attention qkv/proj, MLP fc1/fc2)
@@ -99,10 +109,17 @@ class BenchConfig:
     bpe_vocab: int = arg(400, "tiny tokenizer's BPE vocabulary (>= 600: every colour and shape word is one token, as in "
                          "a real tokenizer; 400 splits them into fragments)")
     # training (passed to train_sequential_attention.py)
-    finetune: str = arg("lora4bit", "lora4bit (4-bit NF4 backbone + LoRA), lora (full-precision backbone + LoRA) "
+    backbone: str = arg("random", "comma-separated backbones, rows side by side: random, pretrained (--pretrained_dir) "
+                        "and/or pretrained-strict (--pretrained_strict_dir)")
+    pretrained_dir: str = arg("models/tiny-pretrained", "the pretrained stand-in (`make tiny-pretrained`)")
+    pretrained_strict_dir: str = arg("models/tiny-pretrained-strict", "the strict stand-in (`make "
+                                     "tiny-pretrained-strict`)")
+    finetune: str = arg("lora4bit", "comma-separated, rows side by side: lora4bit (4-bit NF4 backbone + LoRA), lora "
+                        "(full-precision backbone + LoRA) "
                         "or full (every backbone weight trains)")
-    lora_vision: bool = arg(True, "LoRA also on the vision encoder (qkv, proj, fc1, fc2), not only the language model")
-    lora_r: int = arg(32, "LoRA rank")
+    lora_vision: bool = arg(False, "LoRA also on the vision encoder (qkv, proj, fc1, fc2), not only the language model "
+                            "(the training script's targets)")
+    lora_r: int = arg(16, "LoRA rank (alpha = 2 x rank; the training script's defaults: 16, 32)")
     batch_size: int = arg(8, "counting states per optimizer step")
     lr: float = arg(3e-4, "learning rate (one for every trainable parameter)")
     warmup_steps: int = arg(100, "linear warmup steps")
@@ -136,8 +153,9 @@ def validate(cfg: BenchConfig) -> list[str]:
                           "-token and -nearest suffixes")
     if not parse_variants(cfg.variants):
         errors.append("--variants must name at least one variant")
-    if cfg.finetune not in ("lora4bit", "lora", "full"):
-        errors.append(f"--finetune must be lora4bit, lora or full, got {cfg.finetune!r}")
+    if not parse_variants(cfg.finetune) or any(f not in FINETUNES for f in parse_variants(cfg.finetune)):
+        errors.append(f"--finetune must list some of {', '.join(FINETUNES)}, got {cfg.finetune!r}")
+    errors += backbone_errors(cfg)
     if cfg.background not in ("textured", "plain"):
         errors.append(f"--background must be textured or plain, got {cfg.background!r}")
     if not parse_variants(cfg.protocol) or any(p not in PROTOCOLS for p in parse_variants(cfg.protocol)):
@@ -187,6 +205,37 @@ def parse_variants(text: str) -> list[str]:
 
 def parse_thresholds(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
+
+
+def backbone_errors(cfg: BenchConfig) -> list[str]:
+    """Unknown backbones, and pretrained ones that are not built or were built with other tiny-model widths."""
+    names = parse_variants(cfg.backbone)
+    if not names or any(b not in BACKBONES for b in names):
+        return [f"--backbone must list some of {', '.join(BACKBONES)}, got {cfg.backbone!r}"]
+    errors = []
+    for name in names:
+        if name == "random":
+            continue
+        folder = backbone_dir(cfg, name)
+        target = "tiny-pretrained" + ("-strict" if name == "pretrained-strict" else "")
+        if not os.path.isfile(os.path.join(folder, "pretrain.json")):
+            errors.append(f"--backbone {name}: no pretrained stand-in in {folder!r} (no pretrain.json): run `make {target}`")
+            continue
+        with open(os.path.join(folder, "tiny_config.json"), encoding="utf-8") as f:
+            tiny = json.load(f)
+        other = [f"--{k} {getattr(cfg, k)} (the model has {tiny[k]})" for k in TINY_FIELDS if tiny.get(k) != getattr(cfg, k)]
+        if other:
+            errors.append(f"--backbone {name}: {folder} was built with other tiny-model settings: " + ", ".join(other))
+    return errors
+
+
+def backbone_dir(cfg: BenchConfig, backbone: str) -> str:
+    return {"pretrained": cfg.pretrained_dir, "pretrained-strict": cfg.pretrained_strict_dir}[backbone]
+
+
+def run_name(variant: str, backbone: str, finetune: str) -> str:
+    """The run folder of one trained row set, under OUTPUT_DIR."""
+    return f"{variant}_{backbone}_{finetune}"
 
 
 def beyond_range(cfg) -> tuple[int, int]:
@@ -257,21 +306,22 @@ def _reuse_or_build(folder: str, settings: dict, build) -> str:
     return folder
 
 
-def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str) -> TrainConfig:
-    """The training run of one variant: same data, model, seed and budget as every other variant."""
+def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, backbone: str = "random",
+                 finetune: str = "full") -> TrainConfig:
+    """The training run of one variant: same data, seed and budget as every other variant."""
     side = processor_side(cfg)
     targets = TEXT_LORA + ("," + VISION_LORA if cfg.lora_vision else "")
     model_type, *suffixes = variant.split("-")
     return TrainConfig(
-        data_root=data_root, model_name_or_path=model_dir, output_dir=os.path.join(cfg.output_dir, variant),
+        data_root=data_root, model_name_or_path=model_dir, output_dir=os.path.join(cfg.output_dir, run_name(variant, backbone, finetune)),
         model_type=model_type, pointing="token" if "token" in suffixes else "regress",
         target_strategy="nearest" if "nearest" in suffixes else "reading_order",
         prompt_position="before" if "before" in suffixes else "after",
         class_binding="film" if "film" in suffixes else "add",
-        finetune="full" if cfg.finetune == "full" else "lora", synthetic_train=cfg.fresh_images,
+        finetune="full" if finetune == "full" else "lora", synthetic_train=cfg.fresh_images,
         mark_jitter=cfg.mark_jitter, mark_size_jitter=cfg.mark_size_jitter, negative_prompts=cfg.negative_prompts,
         object_map_focal=cfg.object_map_focal, class_loss=cfg.class_loss,
-        load_in_4bit=cfg.finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
+        load_in_4bit=finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
         lora_target_modules=targets, attention_dim=cfg.attention_dim, head_hidden=cfg.head_hidden,
         min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,
         max_minutes=cfg.minutes, lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule,
@@ -298,7 +348,8 @@ def run_mean_baseline(cfg: BenchConfig, data_root: str, tests: dict[str, FSC147D
     for test_set, test in tests.items():
         entries = [test.entries[i] for i in test.subset_indices(cfg.test_images)]  # the images count_dataset counts
         gt = np.array([len(e["points"]) for e in entries], dtype=np.float64)
-        row = {"variant": "mean", "status": "ok", "protocol": "-", "test_set": test_set, "train_mean_count": mean,
+        row = {"variant": "mean", "backbone": "-", "finetune": "-", "status": "ok", "protocol": "-", "test_set": test_set,
+               "train_mean_count": mean,
                "mae": float(np.abs(gt - mean).mean()), "rmse": float(math.sqrt(((gt - mean) ** 2).mean())),
                "nae": float(np.mean(np.abs(gt - mean) / gt)), "bias": float(np.mean(mean - gt)),
                "exact_acc": exact_accuracy(np.full_like(gt, np.round(mean)), gt),
@@ -364,22 +415,25 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
     return rows
 
 
-def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str,
-                tests: dict[str, FSC147Dataset]) -> list[dict]:
-    """Train one variant, then count the test split with its checkpoint-best (lowest val count MAE)."""
+def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, tests: dict[str, FSC147Dataset],
+                backbone: str = "random", finetune: str = "full") -> list[dict]:
+    """Train one variant on one backbone, then count the test split with its checkpoint-best (lowest val count
+    MAE)."""
     from train_sequential_attention import train
 
-    tcfg = train_config(cfg, variant, data_root, model_dir)
+    tcfg = train_config(cfg, variant, data_root, model_dir, backbone, finetune)
+    which = {"variant": variant, "backbone": backbone, "finetune": finetune,
+             "run_dir": run_name(variant, backbone, finetune)}
     start = time.perf_counter()
     try:
         summary = train(tcfg)
     except (UsageError, RuntimeError, ValueError) as e:  # a failed variant is a result too
-        return [{"variant": variant, "status": f"failed: {type(e).__name__}: {e}"}]
+        return [{**which, "status": f"failed: {type(e).__name__}: {e}"}]
     train_s = time.perf_counter() - start
     checkpoint = os.path.join(tcfg.output_dir, "checkpoint-best")
     if not os.path.isdir(checkpoint):
         checkpoint = os.path.join(tcfg.output_dir, "checkpoint-last")
-    return [{**row, "steps": summary["steps"], "train_minutes": train_s / 60}
+    return [{**row, **which, "steps": summary["steps"], "train_minutes": train_s / 60}
             for row in count_rows(cfg, variant, tcfg, checkpoint, data_root, tests)]
 
 
@@ -412,8 +466,9 @@ def plot_curves(cfg: BenchConfig, results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for variant in dict.fromkeys(r["variant"] for r in results):  # one line per variant, whatever its protocols
-        curves = read_curves(os.path.join(cfg.output_dir, variant))
+    for run in dict.fromkeys(r["run_dir"] for r in results if "run_dir" in r):  # one line per run, whatever its rows
+        curves = read_curves(os.path.join(cfg.output_dir, run))
+        variant = run.replace("_", " ")
         for ax, key in zip(axes, ("cls", "reg", "val_mae")):
             if not curves[key]:
                 continue
@@ -448,12 +503,12 @@ def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> Non
     for r in results:
         if "results_file" not in r:
             continue
-        images = json.load(open(os.path.join(cfg.output_dir, r["variant"], r["results_file"])))["images"]
+        images = json.load(open(os.path.join(cfg.output_dir, r["run_dir"], r["results_file"])))["images"]
         gt = np.array([i["gt_count"] for i in images])
         err = np.array([i["pred_count"] for i in images]) - gt
         bins = sorted(set((gt - 1) // 5))
         centres = [5 * b + 3 for b in bins]
-        label = f"{r['variant']} {r['protocol']} {r['points_per_step']}/step {r['test_set']}"
+        label = f"{r['run_dir'].replace('_', ' ')} {r['protocol']} {r['points_per_step']}/step {r['test_set']}"
         axes[0].plot(centres, [np.abs(err[(gt - 1) // 5 == b]).mean() for b in bins], marker="o", label=label)
         axes[1].plot(centres, [err[(gt - 1) // 5 == b].mean() for b in bins], marker="o", label=label)
     for ax, title in zip(axes, ("mean |pred - gt| by true count", "mean pred - gt by true count")):
@@ -467,7 +522,8 @@ def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> Non
 
 
 def markdown_table(results: list[dict]) -> str:
-    cols = [("variant", "variant", "{}"), ("protocol", "protocol", "{}"), ("points_per_step", "points/step", "{}"),
+    cols = [("variant", "variant", "{}"), ("backbone", "backbone", "{}"), ("finetune", "finetune", "{}"),
+            ("protocol", "protocol", "{}"), ("points_per_step", "points/step", "{}"),
             ("test_set", "test set", "{}"), ("steps", "steps", "{}"), ("train_minutes", "train min", "{:.1f}"),
             ("exact_acc", "exact acc", "{:.3f}"), ("mae", "MAE", "{:.3f}"), ("rmse", "RMSE", "{:.3f}"),
             ("nae", "NAE", "{:.3f}"), ("within_1", "within 1", "{:.3f}"), ("mean_gt", "mean gt", "{:.1f}"),
@@ -476,12 +532,13 @@ def markdown_table(results: list[dict]) -> str:
             ("f1", "loc F1", "{:.3f}"), ("val_states_done_acc", "done acc (val states)", "{:.3f}"),
             ("done_threshold", "threshold", "{}"), ("n_capped", "capped", "{}"),
             ("status", "status", "{}")]
-    per_variant = {"val_states_done_acc"}  # one figure per trained variant: shown on its first row only
+    per_variant = {"val_states_done_acc"}  # one figure per trained run: shown on its first row only
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     seen = set()
     for r in results:
-        shown = {k: r[k] for k, _, _ in cols if r.get(k) is not None and not (k in per_variant and r["variant"] in seen)}
-        seen.add(r["variant"])
+        run = r.get("run_dir", r["variant"])
+        shown = {k: r[k] for k, _, _ in cols if r.get(k) is not None and not (k in per_variant and run in seen)}
+        seen.add(run)
         lines.append("| " + " | ".join(fmt.format(shown[k]) if k in shown else "-" for k, _, fmt in cols) + " |")
     return "\n".join(lines)
 
@@ -493,17 +550,20 @@ def main(argv=None) -> int:
     write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
-        data_root, model_dir, beyond = build_bench_data(cfg), build_bench_model(cfg), build_beyond_data(cfg)
+        data_root, beyond = build_bench_data(cfg), build_beyond_data(cfg)
         tests = {"test": FSC147Dataset(data_root, "test")}
         if beyond:
             tests["beyond"] = FSC147Dataset(beyond, "test")
-        results = []
-        for variant in parse_variants(cfg.variants):
-            print(f"\n=== {variant} ===")
-            rows = (run_mean_baseline(cfg, data_root, tests) if variant == "mean"
-                    else run_variant(cfg, variant, data_root, model_dir, tests))
-            results += rows
-            print(json.dumps(rows, indent=1))
+        variants = parse_variants(cfg.variants)
+        results = run_mean_baseline(cfg, data_root, tests) if "mean" in variants else []
+        for backbone in parse_variants(cfg.backbone):  # every (backbone, finetune, variant): the same data and budget
+            model_dir = build_bench_model(cfg) if backbone == "random" else backbone_dir(cfg, backbone)
+            for finetune in parse_variants(cfg.finetune):
+                for variant in (v for v in variants if v != "mean"):
+                    print(f"\n=== {run_name(variant, backbone, finetune)} ===")
+                    rows = run_variant(cfg, variant, data_root, model_dir, tests, backbone, finetune)
+                    results += rows
+                    print(json.dumps(rows, indent=1))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -150,3 +150,21 @@ def print_run_summary(summary: dict) -> None:
         print(f"  best:        {os.path.join(out, 'checkpoint-best')} (lowest val count MAE)")
     if os.path.isdir(os.path.join(out, "wandb")):
         print(f"  W&B run:     {os.path.join(out, 'wandb')} (offline runs: `wandb sync {os.path.join(out, 'wandb')}/offline-run-*`)")
+
+
+def log_step(cfg, metrics, state, mode: str, result: dict, elapsed: float, scheduler, device,
+             total_steps: int) -> None:
+    """One metrics.jsonl record (and W&B point) for an optimizer step: its loss and terms, gradient norms per
+    module, lr, throughput, peak memory, skipped images and bad steps (every --log_every steps, the last step and
+    every non-finite one)."""
+    if state.step % cfg.log_every and state.step != total_steps and result["finite"]:
+        return
+    record = {"epoch": state.epoch, "mode": mode, f"loss_{mode}": result["loss"],
+              **{f"loss/{k}": v for k, v in result["terms"].items()},
+              **{f"grad_norm/{k}": v for k, v in result["grad_norms"].items()},
+              "grad_norm/total": result["grad_norm_total"], "lr": scheduler.get_last_lr()[0],
+              "samples_per_s": result["states"] / elapsed, "peak_mem_mb": peak_memory_mb(device),
+              "skipped_images": state.skipped_images, "bad_steps": state.total_bad_steps}
+    if not result["finite"]:
+        record.update({"event": "bad_step", "image_ids": result["ids"]})
+    metrics.log(state.step, record)

@@ -25,7 +25,7 @@ What FSC-147 asks of a counter, and the flag that puts it into the synthetic dat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -261,6 +261,7 @@ class Scene:
     boxes: list  # exemplar boxes (four corners each) around the first three named objects
     all_points: list  # centres of every object, named and distractor
     distractor_classes: list  # names of the other classes in the image
+    objects: list = field(default_factory=list)  # every object drawn: (cx, cy, radius, class name)
 
 
 def _place(rng, width, height, radius, count, placed, gap) -> list:
@@ -319,4 +320,5 @@ def synth_scene(rng: np.random.Generator, cfg: SynthConfig, cls: SynthClass, poo
     rounded = lambda objs: [[round(cx, 2), round(cy, 2)] for cx, cy, _ in objs]
     boxes = [[[cx - r, cy - r], [cx - r, cy + r], [cx + r, cy + r], [cx + r, cy - r]] for cx, cy, r in named[:3]]
     boxes = [[[round(v, 2) for v in corner] for corner in box] for box in boxes]
-    return Scene(image, rounded(named), boxes, rounded(placed), [c[0] for c in others])
+    objects = [(cx, cy, r, class_of(s, c)[0]) for (cx, cy, r), (s, c) in drawn]
+    return Scene(image, rounded(named), boxes, rounded(placed), [c[0] for c in others], objects)

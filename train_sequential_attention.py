@@ -29,10 +29,9 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -40,15 +39,13 @@ import torch
 from cli import UsageError, arg, parse_config, write_json_atomic
 from count_objects import PROTOCOLS, CountSettings
 from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImages, collate_samples, prepare_batch
-from model_loading import (STATE_FILE, ModelConfig, build_model, device_of, load_weights, model_inputs,
-                           save_checkpoint, validate_model_config)
+from checkpoints import TrainState, restore_training, resume_path, save_step_checkpoint, save_training_checkpoint
+from model_loading import ModelConfig, build_model, device_of, model_inputs, validate_model_config
 from model_sequential_simple import LossWeights, compute_loss
 from parallel import (ProcessFailure, any_rank, average_gradients, barrier, describe_failure, exit_with_parent,
-                      gather_to_rank0,
-                      init_distributed, install_stop_handlers, mean_over_processes, raise_if_any_failed, rank_and_world,
-                      rng_state, set_rng_state, shared_failures, sum_over_processes, sync_parameters)
-from run_logging import (MetricsLogger, grad_norm_tensor, log_overlays, peak_memory_mb, print_grad_check,
-                         print_run_summary)
+                      gather_to_rank0, init_distributed, install_stop_handlers, mean_over_processes, raise_if_any_failed,
+                      rank_and_world, rng_state, shared_failures, sum_over_processes, sync_parameters)
+from run_logging import MetricsLogger, grad_norm_tensor, log_overlays, log_step, print_grad_check, print_run_summary
 
 logger = logging.getLogger("train")
 
@@ -359,86 +356,64 @@ def evaluate_counting_subset(cfg: TrainConfig, model, val_ds, run=None) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class TrainState:
-    """Where training is: everything besides the weights that a resumed run needs."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # loader batches consumed in this epoch
-    best_mae: float = float("inf")  # best val count MAE so far (checkpoint-best)
-    skipped_images: int = 0  # images that failed to load during training
-    bad_steps: int = 0  # consecutive steps skipped for a non-finite loss or gradient
-    total_bad_steps: int = 0
-    wandb_run_id: str = ""
-
-
-
-def save_training_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, name: str,
-                             rng_states: list[dict]) -> str:
-    """OUTPUT_DIR/<name>/: the model's checkpoint plus the training state a resumed run needs (rank 0 writes;
-    `rng_states` holds every process's RNG states, from `gather_to_rank0(rng_state(...))`)."""
-    training_state = {**asdict(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "rng": rng_states[0], "rng_per_rank": rng_states}
-    return save_checkpoint(model, cfg, os.path.join(cfg.output_dir, name), training_state)
-
-
-def save_step_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> str:
-    """checkpoint-<step> and checkpoint-last (rank 0 writes, the others wait); prune to --save_total_limit."""
-    path = os.path.join(cfg.output_dir, f"checkpoint-{state.step}")
-    rng_states = gather_to_rank0([rng_state(device_of(model))])
-    with shared_failures(device_of(model), f"saving {path}"):  # a failed write on rank 0 stops every process
-        if rank_and_world()[0] == 0:
-            for name in (f"checkpoint-{state.step}", "checkpoint-last"):
-                save_training_checkpoint(cfg, model, optimizer, scheduler, state, name, rng_states)
-            if cfg.save_total_limit:
-                steps = sorted(int(d.split("-", 1)[1]) for d in os.listdir(cfg.output_dir)
-                               if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit())
-                for old in steps[:-cfg.save_total_limit]:
-                    shutil.rmtree(os.path.join(cfg.output_dir, f"checkpoint-{old}"), ignore_errors=True)
-    return path
-
-
-def resume_path(cfg: TrainConfig) -> str:
-    path = os.path.join(cfg.output_dir, "checkpoint-last") if cfg.resume == "latest" else cfg.resume
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise UsageError(f"--resume {cfg.resume}: no {STATE_FILE} in {path!r}")
-    return path
-
-
-def rng_for_rank(saved: dict, rank: int, world: int) -> dict:
-    """The RNG states a process resumes from: its own, or rank 0's when the checkpoint has another process count."""
-    per_rank = saved.get("rng_per_rank", [saved["rng"]])
-    if len(per_rank) == world:
-        return per_rank[rank]
-    logger.warning("resuming %d processes from a checkpoint of %d: every process starts from rank 0's RNG state",
-                   world, len(per_rank))
-    return per_rank[0]
-
-
-def restore_training(cfg: TrainConfig, path: str, model, optimizer, scheduler) -> TrainState:
-    """Load adapter, heads, optimizer, scheduler, RNG states and the step counters from a checkpoint."""
-    load_weights(model, path)
-    saved = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(rng_for_rank(saved, *rank_and_world()), device_of(model))
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        old = json.load(f)
-    changed = [k for k, v in asdict(cfg).items() if k in old and old[k] != v and k not in ("resume", "output_dir")]
-    if changed:
-        logger.warning("resuming with changed settings: %s", ", ".join(f"{k}={old[k]!r}->{getattr(cfg, k)!r}" for k in changed))
-    return TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
 class TrainingStopped(Exception):
     """Training cannot go on (too many bad steps); a checkpoint has been saved."""
+
+
+def prepare_run(cfg: TrainConfig, rank: int, world: int):
+    """Seeds, data, the run folder's config.json (rank 0) and the model (the same weights in every process).
+    Returns (cfg, train_ds, val_ds, model); cfg gains the class head's vocabulary when --class_loss is on."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    train_ds, val_ds = build_data(cfg)
+    if cfg.class_loss and not cfg.class_vocabulary:  # the class head's classes, saved with the config
+        cfg = dataclasses.replace(cfg, class_vocabulary=json.dumps(train_ds.class_names))
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
+    barrier()
+    say("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()))
+    if world > 1 and len(train_ds) < cfg.batch_size * world:
+        raise UsageError(f"{cfg.data_root}: split {cfg.train_split!r} has {len(train_ds)} usable images, fewer than one "
+                         f"global batch ({cfg.batch_size} x {world} processes): some process would get no image. "
+                         "Lower --batch_size or the number of processes")
+    say(f"Data: {len(train_ds)} train images ({train_ds.num_skipped} skipped), "
+        f"{len(val_ds)} val images ({val_ds.num_skipped} skipped)")
+    model = build_model(cfg)
+    sync_parameters(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"Model: {cfg.model_name_or_path} on {device_of(model)}, 4-bit={cfg.load_in_4bit}, {n_trainable:,} trainable "
+        "parameters" + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} accumulation"
+                        if world > 1 else ""))
+    return cfg, train_ds, val_ds, model
+
+
+def planned_steps(cfg: TrainConfig, n_train: int, world: int) -> int:
+    """Optimizer steps of the run: --max_steps, or --epochs passes over the training images."""
+    batches_per_epoch = max(1, n_train // (cfg.batch_size * world))
+    return cfg.max_steps or cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum)
+
+
+def count_bad_step(cfg: TrainConfig, state: TrainState, result: dict, model, optimizer, scheduler) -> None:
+    """Track non-finite steps (their update was skipped); after --max_bad_steps in a row, save and stop."""
+    from tqdm.auto import tqdm
+
+    if result["finite"]:
+        state.bad_steps = 0
+        return
+    state.bad_steps += 1
+    state.total_bad_steps += 1
+    if rank_and_world()[0] == 0:
+        tqdm.write(f"step {state.step}: non-finite loss or gradient, update skipped ({state.bad_steps} in a row); "
+                   f"images {', '.join(result['ids'])}")
+    if state.bad_steps >= cfg.max_bad_steps:
+        path = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
+        raise TrainingStopped(f"{state.bad_steps} consecutive steps had a non-finite loss or gradient (last images: "
+                              f"{', '.join(result['ids'])}); saved {path}. See the README's debugging guide: lower "
+                              "--lr, keep --grad_clip.")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -449,47 +424,24 @@ def train(cfg: TrainConfig) -> dict:
 
     rank, world = init_distributed(cfg.device)
     main_process = rank == 0  # the one that prints, evaluates and writes
-    say = print if main_process else (lambda *a, **k: None)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    train_ds, val_ds = build_data(cfg)
-    if cfg.class_loss and not cfg.class_vocabulary:  # the class head's classes, saved with the config
-        cfg = dataclasses.replace(cfg, class_vocabulary=json.dumps(train_ds.class_names))
-    if main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))
-    barrier()
-    say("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()))
-
-    if world > 1 and len(train_ds) < cfg.batch_size * world:
-        raise UsageError(f"{cfg.data_root}: split {cfg.train_split!r} has {len(train_ds)} usable images, fewer than one "
-                         f"global batch ({cfg.batch_size} x {world} processes): some process would get no image. "
-                         "Lower --batch_size or the number of processes")
-    say(f"Data: {len(train_ds)} train images ({train_ds.num_skipped} skipped), "
-        f"{len(val_ds)} val images ({val_ds.num_skipped} skipped)")
-    model = build_model(cfg)
-    sync_parameters(model)
+    cfg, train_ds, val_ds, model = prepare_run(cfg, rank, world)
     device = device_of(model)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"Model: {cfg.model_name_or_path} on {device}, 4-bit={cfg.load_in_4bit}, {n_trainable:,} trainable parameters"
-        + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} accumulation" if world > 1 else ""))
-
-    batches_per_epoch = max(1, len(train_ds) // (cfg.batch_size * world))
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = planned_steps(cfg, len(train_ds), world)
     optimizer, scheduler = build_optimizer(cfg, model, total_steps)
     val_batches = fixed_val_batches(cfg, val_ds) if main_process else []
     state = TrainState()
     if cfg.resume:
         path = resume_path(cfg)
         state = restore_training(cfg, path, model, optimizer, scheduler)
-        say(f"Resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        if main_process:
+            print(f"Resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     metrics = MetricsLogger(cfg, resume_step=state.step if cfg.resume else None, run_id=state.wandb_run_id,
                             enabled=main_process)
     state.wandb_run_id = metrics.run.id if metrics.run is not None else ""
     metrics.log(state.step, {"event": "resume" if cfg.resume else "start", "train_images": len(train_ds),
                              "val_images": len(val_ds), "train_skipped": train_ds.num_skipped,
                              "val_skipped": val_ds.num_skipped, "total_steps": total_steps,
-                             "trainable_params": n_trainable})
+                             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)})
 
     stop, previous_handlers = install_stop_handlers()
     progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not main_process)
@@ -524,19 +476,7 @@ def train(cfg: TrainConfig) -> dict:
                 state.step += 1
                 elapsed = time.perf_counter() - t0
                 log_step(cfg, metrics, state, mode, result, elapsed, scheduler, device, total_steps)
-                if not result["finite"]:
-                    state.bad_steps += 1
-                    state.total_bad_steps += 1
-                    if main_process:
-                        tqdm.write(f"step {state.step}: non-finite loss or gradient, update skipped "
-                                   f"({state.bad_steps} in a row); images {', '.join(result['ids'])}")
-                    if state.bad_steps >= cfg.max_bad_steps:
-                        path = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
-                        raise TrainingStopped(f"{state.bad_steps} consecutive steps had a non-finite loss or gradient "
-                                              f"(last images: {', '.join(result['ids'])}); saved {path}. See the "
-                                              "README's debugging guide: lower --lr, keep --grad_clip.")
-                else:
-                    state.bad_steps = 0
+                count_bad_step(cfg, state, result, model, optimizer, scheduler)
                 if main_process and state.epoch == 0 and result["finite"] and (
                         mode not in checked or (cfg.grad_check_every and state.step % cfg.grad_check_every == 0)):
                     checked.add(mode)
@@ -571,22 +511,6 @@ def train(cfg: TrainConfig) -> dict:
     metrics.finish()
     return {"steps": state.step, "checkpoint": final, "output_dir": cfg.output_dir, "eval": last_eval, "rank": rank,
             "interrupted": stop["signal"], "bad_steps": state.total_bad_steps, "skipped_images": skipped}
-
-
-def log_step(cfg, metrics, state: TrainState, mode: str, result: dict, elapsed: float, scheduler, device,
-             total_steps: int) -> None:
-    """One metrics.jsonl record (and W&B point) for an optimizer step."""
-    if state.step % cfg.log_every and state.step != total_steps and result["finite"]:
-        return
-    record = {"epoch": state.epoch, "mode": mode, f"loss_{mode}": result["loss"],
-              **{f"loss/{k}": v for k, v in result["terms"].items()},
-              **{f"grad_norm/{k}": v for k, v in result["grad_norms"].items()},
-              "grad_norm/total": result["grad_norm_total"], "lr": scheduler.get_last_lr()[0],
-              "samples_per_s": result["states"] / elapsed, "peak_mem_mb": peak_memory_mb(device),
-              "skipped_images": state.skipped_images, "bad_steps": state.total_bad_steps}
-    if not result["finite"]:
-        record.update({"event": "bad_step", "image_ids": result["ids"]})
-    metrics.log(state.step, record)
 
 
 def run_evaluation(cfg, model, optimizer, scheduler, state: TrainState, val_batches, val_ds, metrics) -> dict:

@@ -25,7 +25,7 @@ def test_bench_learning_writes_table_json_and_plot(tmp_path, capsys):
     # the mean baseline is the training split's mean count, scored on the same test images
     assert rows["simple"]["n_images"] == rows["mean"]["n_images"] == 3
     table = open(out / "results.md").read()
-    assert "| attention-nearest | text | 1 | test | 4 |" in table and "| mean | - | - | test |" in table
+    assert "| attention-nearest | random | lora4bit | text | 1 | test | 4 |" in table and "| mean | - | - | - | - | test |" in table
     assert os.path.getsize(out / "learning.png") > 1000
     # data and model are reused when the settings match
     stamp = os.path.getmtime(out / "data" / "bench_settings.json")
@@ -61,7 +61,7 @@ def test_bench_learning_rows_per_protocol_with_distractors(tmp_path, monkeypatch
     col = table[0].split(" | ").index("done acc (val states)")
     assert [line.split(" | ")[col] for line in table[3:]] == [f"{rows[1]['val_states_done_acc']:.3f}", "-"]
     for protocol in ("text", "exemplar"):
-        saved = json.load(open(out / "simple-token-before-film" / f"test_results_{protocol}.json"))
+        saved = json.load(open(out / "simple-token-before-film_random_lora4bit" / f"test_results_{protocol}.json"))
         assert saved["summary"]["protocol"] == protocol
 
 
@@ -75,7 +75,7 @@ def test_bench_learning_counts_each_mode_and_a_set_beyond_the_training_range(tmp
     assert [(r["variant"], r.get("points_per_step"), r["test_set"]) for r in rows] == [
         ("mean", None, "test"), ("mean", None, "beyond"), ("simple-token", "1", "test"), ("simple-token", "1", "beyond"),
         ("simple-token", "auto", "test"), ("simple-token", "auto", "beyond")]
-    beyond = json.load(open(out / "simple-token" / "beyond_results_text_pps-auto.json"))
+    beyond = json.load(open(out / "simple-token_random_lora4bit" / "beyond_results_text_pps-auto.json"))
     assert {i["gt_count"] for i in beyond["images"]} <= {7, 8, 9} and beyond["summary"]["points_per_step"] == "auto"
     for r in rows:
         assert {"nae", "within_1", "mean_gt"} <= set(r)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_PIXELS
 
+import checkpoints
 import train_sequential_attention as train_mod
 from dataset_fsc147 import FSC147Dataset, prepare_batch
 from model_loading import HEADS_FILE
@@ -136,9 +137,9 @@ def test_accelerate_launch_two_cpu_processes_equals_one_process_with_the_global_
 
 def test_every_process_resumes_from_its_own_rng_states():
     saved = {"rng": {"torch": "rank 0"}, "rng_per_rank": [{"torch": "rank 0"}, {"torch": "rank 1"}]}
-    assert train_mod.rng_for_rank(saved, 1, 2) == {"torch": "rank 1"}
-    assert train_mod.rng_for_rank(saved, 0, 3) == {"torch": "rank 0"}  # another process count: rank 0's
-    assert train_mod.rng_for_rank({"rng": {"torch": "old"}}, 0, 1) == {"torch": "old"}  # a checkpoint from before
+    assert checkpoints.rng_for_rank(saved, 1, 2) == {"torch": "rank 1"}
+    assert checkpoints.rng_for_rank(saved, 0, 3) == {"torch": "rank 0"}  # another process count: rank 0's
+    assert checkpoints.rng_for_rank({"rng": {"torch": "old"}}, 0, 1) == {"torch": "old"}  # a checkpoint from before
 
 
 PLANTED = """

@@ -1,0 +1,382 @@
+"""Pretrain the tiny Qwen2-VL into a stand-in for a pretrained VLM: it learns what Qwen2-VL-2B knows before any
+counting training (which class is where, the class names, reading the numbered marks drawn on an image) and
+nothing about counting.
+
+    python pretrain_tiny.py --out models/tiny-pretrained                 # = make tiny-pretrained (~12 min, 2 cores)
+    python pretrain_tiny.py --out models/tiny-pretrained-strict --strict # = make tiny-pretrained-strict
+    python pretrain_tiny.py --out /tmp/pt --steps 20 --eval_images 8     # a quick look
+
+The benchmarks train a tiny Qwen2-VL; from random weights its vision tower must learn to see shapes, colours and
+marks while it learns to count, which a pretrained Qwen2-VL-2B already does. This script gives the tiny model that
+knowledge first, on fresh synthetic scenes (`synthetic_fsc147.synth_scene`, every class of the 8 x 8 colour x
+shape grid, 0 to many objects, the benchmarks' image size, its own seed), with four objectives read from the last
+hidden states (the heads are dropped afterwards; only the backbone is saved):
+
+  class    every image token: which class's object covers it, or background (cross-entropy over 64 + 1)
+  marks    numbered marks drawn at random places with random numbers (1 to 60, not in any order); every
+           image token: the number of the mark whose centre it holds, or none (cross-entropy over 61)
+  ground   the prompt names a class ("Find the red rings."), present or not: every image token scores whether it
+           shows that class, from the prompt's last token (binary cross-entropy), as a pointer would
+  present  is the named class in the image (binary cross-entropy on the prompt's last token)
+
+Never in a target: a count or a number of objects, marks on objects in counting or reading order, done.
+`tests/test_pretrain.py` checks both on generated batches.
+
+--strict leaves out of pretraining the colour + shape pairs that `make bench-unseen` holds out for val and test
+(its compositional split: every colour and every shape is still shown), for "does counting transfer to a pair the
+backbone never saw named together".
+
+Saves OUT with `save_pretrained` (loads through `from_pretrained` exactly as Qwen2-VL-2B does), tiny_config.json,
+and pretrain.json: the config, the steps, the time, the training curve and the held-out scores on scenes of
+another seed. Written to OUT.partial first and renamed, so a stopped run leaves no half model at OUT.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import arg, parse_config, write_json_atomic
+from dataset_fsc147 import draw_marks, radius_for_size
+from synthetic_fsc147 import COLOURS, SHAPES, SynthClass, SynthConfig, class_of, synth_scene, synth_split_classes
+
+ALL_CLASSES: list[SynthClass] = [class_of(shape, colour) for colour in COLOURS for shape in SHAPES]  # 64
+MAX_MARK_LABEL = 60  # marks show numbers 1..60, drawn in no order
+PROMPT = "Find the {class_name}."
+EVAL_SEED_OFFSET = 100_003  # held-out scenes: another generator seed
+
+
+@dataclass
+class PretrainConfig:
+    out: str = arg("models/tiny-pretrained", "folder for the pretrained model (save_pretrained) and pretrain.json")
+    strict: bool = arg(False, "leave out the compositional split's val and test pairs (bench-unseen's held-out classes)")
+    strict_seed: int = arg(0, "with --strict: the benchmark seed whose compositional split is held out")
+    strict_colours: int = arg(6, "with --strict: the compositional grid's size (bench-unseen's --num_colours)")
+    seed: int = arg(1234, "pretraining's own seed (weights and scenes; no benchmark image is a pretraining image)")
+    steps: int = arg(3000, "optimizer steps")
+    minutes: float = arg(30.0, "safety cap: stop after this many minutes (pretrain.json says so)")
+    batch_size: int = arg(8, "scenes per step")
+    lr: float = arg(3e-4, "AdamW learning rate, every weight (full training of the tiny backbone and the heads)")
+    warmup_steps: int = arg(100, "linear warmup steps, then cosine decay to 10%")
+    image_size: int = arg(224, "scene height; widths in [size, 1.25 x size] (the benchmarks' images)")
+    max_objects: int = arg(40, "most objects of one class in a scene (0 to this; sparse scenes have larger objects)")
+    distractors: int = arg(3, "other classes per scene: 0 to this many")
+    mark_fraction: float = arg(0.6, "share of scenes with random numbered marks drawn on them")
+    max_marks: int = arg(12, "most marks on a scene")
+    eval_images: int = arg(200, "held-out scenes scored at the end")
+    log_every: int = arg(100, "print and record the training losses every N steps")
+    # the tiny model (the benchmarks' defaults)
+    vision_width: int = arg(128, "tiny vision encoder width (multiple of 64)")
+    vision_depth: int = arg(2, "tiny vision encoder blocks")
+    text_width: int = arg(128, "tiny language model width (multiple of 64)")
+    text_layers: int = arg(2, "tiny language model layers")
+    bpe_vocab: int = arg(400, "tiny tokenizer's BPE vocabulary")
+
+
+def validate(cfg: PretrainConfig) -> list[str]:
+    errors = []
+    for name in ("steps", "batch_size", "eval_images", "log_every", "max_marks"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be >= 1")
+    if not 0 < cfg.lr < 1 or cfg.minutes <= 0 or cfg.warmup_steps < 0:
+        errors.append("--lr must be in (0, 1), --minutes > 0 and --warmup_steps >= 0")
+    if cfg.image_size < 64 or not 0 <= cfg.mark_fraction <= 1 or cfg.max_objects < 1 or cfg.distractors < 0:
+        errors.append("need --image_size >= 64, --mark_fraction in [0, 1], --max_objects >= 1, --distractors >= 0")
+    if cfg.max_marks > MAX_MARK_LABEL:
+        errors.append(f"--max_marks must be <= {MAX_MARK_LABEL}")
+    for name in ("vision_width", "text_width"):
+        if getattr(cfg, name) % 64 or getattr(cfg, name) <= 0:
+            errors.append(f"--{name} must be a positive multiple of 64")
+    return errors
+
+
+# ----------------------------------------------------------------------------- scenes and targets
+
+
+def held_out_pairs(cfg: PretrainConfig) -> list[SynthClass]:
+    """The val and test classes of the compositional split a benchmark with --seed strict_seed draws."""
+    n = cfg.strict_colours
+    synth = SynthConfig(class_split="compositional", num_colours=n, num_shapes=n, seed=cfg.strict_seed)
+    split = synth_split_classes(synth, np.random.default_rng(cfg.strict_seed))
+    return split["val"] + split["test"]
+
+
+def pretraining_classes(cfg: PretrainConfig) -> list[SynthClass]:
+    """Every colour x shape pair, less the held-out ones with --strict."""
+    held = set(held_out_pairs(cfg)) if cfg.strict else set()
+    return [c for c in ALL_CLASSES if c not in held]
+
+
+@dataclass
+class Example:
+    """One pretraining scene: the image (marks drawn), what is in it, and the class its prompt names."""
+
+    image: object
+    objects: list  # (cx, cy, radius, class name) of every object
+    marks: list  # (x, y, label) of every mark drawn: random places, random numbers
+    query: str  # the class the prompt names
+    present: bool  # the named class is in the image
+    prompt_before: bool  # the prompt before the image (else after)
+    mark_radius: int = 0
+
+
+def make_example(rng: np.random.Generator, cfg: PretrainConfig, classes: list[SynthClass]) -> Example:
+    """A fresh scene of 0 to many objects of up to 1 + --distractors classes, maybe marked, and its query."""
+    named = classes[int(rng.integers(len(classes)))]
+    most = int(rng.choice([3, 10, cfg.max_objects]))
+    synth = SynthConfig(min_objects=0, max_objects=most, image_height=cfg.image_size, min_width=cfg.image_size,
+                        max_width=round(1.25 * cfg.image_size), background=str(rng.choice(["plain", "textured"])),
+                        distractors=int(rng.integers(0, cfg.distractors + 1)), distractor_objects=max(1, most // 2),
+                        min_gap=float(rng.choice([1.0, 4.0])))
+    scene = synth_scene(rng, synth, named, classes)
+    image, marks, radius = scene.image, [], 0
+    if rng.random() < cfg.mark_fraction:
+        k = int(rng.integers(1, cfg.max_marks + 1))
+        width, height = image.size
+        xy = rng.uniform([0, 0], [width - 1, height - 1], size=(k, 2))  # anywhere: not on objects, in no order
+        labels = [int(v) for v in rng.choice(np.arange(1, MAX_MARK_LABEL + 1), size=k, replace=False)]
+        size = 2 * float(np.median([o[2] for o in scene.objects])) if scene.objects else rng.uniform(12, 40)
+        radius = radius_for_size(size * float(rng.uniform(0.7, 1.3)))
+        image = draw_marks(image, xy, labels=labels, radius=radius)
+        marks = [(float(x), float(y), label) for (x, y), label in zip(xy, labels)]
+    present_names = {o[3] for o in scene.objects}
+    if rng.random() < 0.5 and present_names:
+        query = sorted(present_names)[int(rng.integers(len(present_names)))]
+    else:
+        absent = [c[0] for c in classes if c[0] not in present_names]
+        query = absent[int(rng.integers(len(absent)))]
+    return Example(image, scene.objects, marks, query, query in present_names, bool(rng.random() < 0.5), radius)
+
+
+def token_targets(example: Example, rows: int, cols: int, class_index: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Per image token (row-major on the rows x cols merged grid): the class covering its centre (0: background),
+    the number of the mark whose centre lies in it (0: none), and whether it shows the named class."""
+    width, height = example.image.size
+    cx = (np.arange(cols) + 0.5) / cols * width
+    cy = (np.arange(rows) + 0.5) / rows * height
+    gx, gy = np.meshgrid(cx, cy)  # (rows, cols) token centres in pixels
+    classes = np.zeros((rows, cols), dtype=np.int64)
+    nearest = np.full((rows, cols), np.inf)
+    for ox, oy, r, name in example.objects:  # tokens whose centre an object covers
+        d = np.hypot(gx - ox, gy - oy)
+        inside = (d <= r) & (d < nearest)
+        classes[inside], nearest[inside] = class_index[name], d[inside]
+    for ox, oy, r, name in example.objects:  # an object smaller than a token: the token holding its centre
+        row, col = min(rows - 1, int(oy / height * rows)), min(cols - 1, int(ox / width * cols))
+        if classes[row, col] == 0:
+            classes[row, col] = class_index[name]
+    marks = np.zeros((rows, cols), dtype=np.int64)
+    for x, y, label in example.marks:
+        marks[min(rows - 1, int(y / height * rows)), min(cols - 1, int(x / width * cols))] = label
+    named = classes == class_index[example.query]
+    return {"class": torch.from_numpy(classes.reshape(-1)), "mark": torch.from_numpy(marks.reshape(-1)),
+            "ground": torch.from_numpy(named.reshape(-1)).float(), "present": torch.tensor(float(example.present))}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class PretrainHeads(nn.Module):
+    """The pretraining objectives' heads on the backbone's last hidden states (dropped after pretraining)."""
+
+    def __init__(self, hidden: int, n_classes: int, key_dim: int = 64):
+        super().__init__()
+        self.class_head = nn.Linear(hidden, n_classes + 1)  # background + every class
+        self.mark_head = nn.Linear(hidden, MAX_MARK_LABEL + 1)  # no mark + every number
+        self.query = nn.Linear(hidden, key_dim)  # the prompt's last token -> what to look for
+        self.key = nn.Linear(hidden, key_dim)  # each image token -> what it shows
+        self.present_head = nn.Linear(hidden, 1)
+        self.scale = 1.0 / math.sqrt(key_dim)
+
+    def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens (N, H) of one image, last (H,) -> class (N, C + 1), mark (N, 61), ground (N,), present ()."""
+        return {"class": self.class_head(tokens), "mark": self.mark_head(tokens),
+                "ground": self.key(tokens) @ self.query(last) * self.scale, "present": self.present_head(last)[0]}
+
+
+def prompt_text(processor, example: Example) -> str:
+    parts = [{"type": "image"}, {"type": "text", "text": PROMPT.format(class_name=example.query)}]
+    messages = [{"role": "user", "content": parts[::-1] if example.prompt_before else parts}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def forward(backbone, heads: PretrainHeads, processor, examples: list[Example], class_index: dict[str, int]):
+    """Outputs and targets per example: [(outputs, targets)]."""
+    inputs = processor(text=[prompt_text(processor, e) for e in examples], images=[e.image for e in examples],
+                       return_tensors="pt", padding=True)
+    hidden = backbone.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    mask = inputs["attention_mask"]  # (B, T)
+    last = (mask * torch.arange(mask.shape[1])).argmax(1)  # the prompt's last token, whichever side is padded
+    merge = backbone.config.vision_config.spatial_merge_size
+    pairs = []
+    for i, example in enumerate(examples):
+        tokens = hidden[i, inputs["input_ids"][i] == backbone.config.image_token_id]  # (N_i, H)
+        _, h, w = (int(v) for v in inputs["image_grid_thw"][i])
+        targets = token_targets(example, h // merge, w // merge, class_index)
+        pairs.append((heads(tokens, hidden[i, last[i]]), targets))
+    return pairs
+
+
+def losses(pairs) -> dict[str, torch.Tensor]:
+    """Each objective's loss, averaged over the examples."""
+    terms = {"class": 0.0, "mark": 0.0, "ground": 0.0, "present": 0.0}
+    for out, tgt in pairs:
+        terms["class"] = terms["class"] + F.cross_entropy(out["class"], tgt["class"])
+        terms["mark"] = terms["mark"] + F.cross_entropy(out["mark"], tgt["mark"])
+        terms["ground"] = terms["ground"] + F.binary_cross_entropy_with_logits(out["ground"], tgt["ground"])
+        terms["present"] = terms["present"] + F.binary_cross_entropy_with_logits(out["present"], tgt["present"])
+    return {k: v / len(pairs) for k, v in terms.items()}
+
+
+@dataclass
+class Scores:
+    """Held-out tallies: correct / total per measure."""
+
+    counts: dict = field(default_factory=dict)
+
+    def add(self, name: str, correct, total) -> None:
+        c, t = self.counts.get(name, (0, 0))
+        self.counts[name] = (c + int(correct), t + int(total))
+
+    def result(self) -> dict:
+        return {name: (c / t if t else None) for name, (c, t) in self.counts.items()} | {
+            f"n_{name}": t for name, (_, t) in self.counts.items()}
+
+
+@torch.no_grad()
+def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes, class_index) -> dict:
+    """Scores on --eval_images held-out scenes (another seed): per-token class accuracy on object tokens and on
+    background, mark numbers read on mark tokens, marks seen where none is, the named class's tokens found,
+    presence answered."""
+    backbone.eval()
+    rng = np.random.default_rng(cfg.seed + EVAL_SEED_OFFSET)
+    scores = Scores()
+    examples = [make_example(rng, cfg, classes) for _ in range(cfg.eval_images)]
+    for start in range(0, len(examples), cfg.batch_size):
+        for out, tgt in forward(backbone, heads, processor, examples[start:start + cfg.batch_size], class_index):
+            pred, obj = out["class"].argmax(-1), tgt["class"] > 0
+            scores.add("token_class_acc", (pred[obj] == tgt["class"][obj]).sum(), obj.sum())
+            scores.add("background_acc", (pred[~obj] == 0).sum(), (~obj).sum())
+            mark_pred, marked = out["mark"].argmax(-1), tgt["mark"] > 0
+            scores.add("mark_number_acc", (mark_pred[marked] == tgt["mark"][marked]).sum(), marked.sum())
+            scores.add("mark_false_alarm", (mark_pred[~marked] > 0).sum(), (~marked).sum())
+            ground, pos = out["ground"] > 0, tgt["ground"] > 0
+            scores.add("ground_recall", (ground & pos).sum(), pos.sum())
+            scores.add("ground_precision", (ground & pos).sum(), ground.sum())
+            scores.add("present_acc", (out["present"] > 0) == bool(tgt["present"]), 1)
+    backbone.train()
+    result = scores.result()
+    p, r = result.get("ground_precision"), result.get("ground_recall")
+    result["ground_f1"] = 2 * p * r / (p + r) if p and r else 0.0
+    return result
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def build(cfg: PretrainConfig):
+    """The tiny random Qwen2-VL (the benchmarks' widths, this run's seed), its processor at the benchmarks'
+    resolution, and the heads."""
+    from tiny_qwen2vl import TinyConfig, build_model, build_processor, build_tokenizer
+
+    tiny = TinyConfig(out=cfg.out, seed=cfg.seed, vision_width=cfg.vision_width, vision_depth=cfg.vision_depth,
+                      text_width=cfg.text_width, text_layers=cfg.text_layers, bpe_vocab=cfg.bpe_vocab)
+    side = 28 * math.ceil(cfg.image_size / 28)  # bench_learning.processor_side: no image is shrunk
+    tiny.min_pixels, tiny.max_pixels = side * side, 2 * side * side
+    tokenizer = build_tokenizer(tiny)
+    processor = build_processor(tiny, tokenizer)
+    torch.manual_seed(cfg.seed)
+    backbone = build_model(tiny, tokenizer).train()
+    heads = PretrainHeads(backbone.config.text_config.hidden_size, len(ALL_CLASSES))
+    return tiny, processor, backbone, heads
+
+
+def lr_factor(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train, score the held-out scenes, save the backbone to OUT (atomically). Returns pretrain.json's content."""
+    from tqdm.auto import tqdm
+
+    tiny, processor, backbone, heads = build(cfg)
+    classes = pretraining_classes(cfg)
+    class_index = {c[0]: i + 1 for i, c in enumerate(ALL_CLASSES)}
+    params = list(backbone.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    rng = np.random.default_rng(cfg.seed)
+    curve, window, stopped_by = [], [], None
+    start = time.monotonic()
+    bar = tqdm(range(cfg.steps), desc="pretrain", dynamic_ncols=True)
+    step = 0
+    for step in bar:
+        if time.monotonic() - start > 60 * cfg.minutes:
+            stopped_by = f"--minutes {cfg.minutes} at step {step}"
+            break
+        examples = [make_example(rng, cfg, classes) for _ in range(cfg.batch_size)]
+        terms = losses(forward(backbone, heads, processor, examples, class_index))
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        window.append({k: float(v) for k, v in terms.items()})
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            curve.append({"step": step + 1, **mean})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()})
+            window = []
+    else:
+        step = cfg.steps
+    bar.close()
+    train_s = time.monotonic() - start
+    scores = evaluate(cfg, backbone, heads, processor, classes, class_index)
+    report = {"config": asdict(cfg), "steps": step, "train_minutes": train_s / 60, "stopped_by": stopped_by,
+              "classes": len(classes), "held_out_pairs": [c[0] for c in held_out_pairs(cfg)] if cfg.strict else [],
+              "held_out_scores": scores, "curve": curve, "threads": torch.get_num_threads(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    save(cfg, tiny, processor, backbone, report)
+    return report
+
+
+def save(cfg: PretrainConfig, tiny, processor, backbone, report: dict) -> None:
+    """OUT.partial/ (model, processor, tiny_config.json, pretrain.json), then renamed to OUT."""
+    partial = cfg.out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    backbone.eval().save_pretrained(partial)
+    processor.save_pretrained(partial)
+    write_json_atomic(os.path.join(partial, "tiny_config.json"), {**asdict(tiny), "out": cfg.out})
+    write_json_atomic(os.path.join(partial, "pretrain.json"), report)
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    os.replace(partial, cfg.out)
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(PretrainConfig, argv, __doc__, validate)
+    print("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()), flush=True)
+    report = pretrain(cfg)
+    print("\nHeld-out scenes (seed {}):".format(cfg.seed + EVAL_SEED_OFFSET))
+    for key, value in report["held_out_scores"].items():
+        print(f"  {key:20s} {value:.3f}" if isinstance(value, float) else f"  {key:20s} {value}")
+    print(f"\n{report['steps']} steps in {report['train_minutes']:.1f} min"
+          + (f" (stopped by {report['stopped_by']})" if report["stopped_by"] else "") + f"; saved {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

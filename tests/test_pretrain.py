@@ -1,0 +1,120 @@
+"""pretrain_tiny.py: what the pretrained stand-in is taught (never a count, never marks in counting order), its
+targets by hand, the strict variant's held-out pairs, and a saved model that loads like Qwen2-VL-2B."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import pretrain_tiny as pt
+from synthetic_fsc147 import COLOURS, SHAPES
+
+TARGET_KEYS = {"class", "mark", "ground", "present"}
+
+
+def generated(n: int, strict: bool = False, seed: int = 0):
+    cfg = pt.PretrainConfig(strict=strict, seed=seed)
+    rng = np.random.default_rng(seed)
+    classes = pt.pretraining_classes(cfg)
+    return [pt.make_example(rng, cfg, classes) for _ in range(n)]
+
+
+def on_object(x: float, y: float, objects) -> int | None:
+    """Index of the object whose disc holds (x, y), if any."""
+    for i, (ox, oy, r, _) in enumerate(objects):
+        if np.hypot(x - ox, y - oy) <= r:
+            return i
+    return None
+
+
+def counting_state(example) -> bool:
+    """Marks numbered 1..k, each on its own object of one class: what a counting state looks like."""
+    if len(example.marks) < 1:
+        return False
+    labels = sorted(label for _, _, label in example.marks)
+    if labels != list(range(1, len(labels) + 1)):
+        return False
+    hit = [on_object(x, y, example.objects) for x, y, _ in example.marks]
+    return None not in hit and len(set(hit)) == len(hit) and len({example.objects[i][3] for i in hit}) == 1
+
+
+def test_no_pretraining_target_carries_a_count_and_no_mark_is_in_counting_order():
+    index = {c[0]: i + 1 for i, c in enumerate(pt.ALL_CLASSES)}
+    examples = generated(300)
+    assert sum(bool(e.marks) for e in examples) > 100  # marks are drawn, and read
+    assert not any(counting_state(e) for e in examples)
+    for e in examples:
+        targets = pt.token_targets(e, 8, 10, index)
+        assert set(targets) == TARGET_KEYS  # per-token maps and one yes/no: no field for how many
+        assert float(targets["present"]) in (0.0, 1.0)
+        assert targets["class"].shape == targets["mark"].shape == targets["ground"].shape == (80,)
+        assert set(targets["ground"].tolist()) <= {0.0, 1.0}
+
+
+def test_the_counting_state_check_catches_marks_in_counting_order():
+    """Planted: marks on the first k objects in reading order, numbered 1..k, is what the test above rejects."""
+    example = next(e for e in generated(50) if len({o[3] for o in e.objects}) >= 1 and len(e.objects) >= 3)
+    name = example.objects[0][3]
+    mine = sorted([o for o in example.objects if o[3] == name], key=lambda o: (o[1], o[0]))
+    example.marks = [(ox, oy, k + 1) for k, (ox, oy, _, _) in enumerate(mine[:2])]
+    assert counting_state(example)
+
+
+def test_token_targets_by_hand():
+    """A 112 x 112 image on a 4 x 4 token grid (token centres at 14, 42, 70, 98 px): an object of radius 20 at the
+    middle covers the four middle tokens (their centres 19.8 px away); a 3 px object at (100, 100) gets the token
+    holding its centre; a mark numbered 7 at (100, 10) lies in row 0, column 3."""
+    red_rings, blue_stars = "red rings", "blue stars"
+    index = {red_rings: 5, blue_stars: 9}
+    example = pt.Example(Image.new("RGB", (112, 112)), [(56, 56, 20, red_rings), (100, 100, 3, blue_stars)],
+                         [(100, 10, 7)], query=red_rings, present=True, prompt_before=False)
+    t = pt.token_targets(example, 4, 4, index)
+    expected = np.zeros((4, 4), dtype=np.int64)
+    expected[1:3, 1:3] = 5
+    expected[3, 3] = 9
+    assert t["class"].reshape(4, 4).tolist() == expected.tolist()
+    marks = np.zeros((4, 4), dtype=np.int64)
+    marks[0, 3] = 7
+    assert t["mark"].reshape(4, 4).tolist() == marks.tolist()
+    assert t["ground"].reshape(4, 4).tolist() == (expected == 5).astype(float).tolist()
+    assert float(t["present"]) == 1.0
+
+
+def test_strict_leaves_out_the_held_out_pairs_but_no_colour_or_shape():
+    cfg = pt.PretrainConfig(strict=True)
+    held = pt.held_out_pairs(cfg)
+    classes = pt.pretraining_classes(cfg)
+    assert len(held) == 12 and not set(held) & set(classes)
+    assert len(classes) == len(COLOURS) * len(SHAPES) - 12
+    assert {c[2] for c in held} <= {c[2] for c in classes} and {c[1] for c in held} <= {c[1] for c in classes}
+    # They are the val and test classes of the data `make bench-unseen` writes (its seed and grid).
+    import bench_learning
+    from synthetic_fsc147 import synth_split_classes
+
+    synth = bench_learning.synth_config(bench_learning.BenchConfig(class_split="compositional"))
+    split = synth_split_classes(synth, np.random.default_rng(synth.seed))
+    assert set(held) == set(split["val"] + split["test"])
+    assert not any(e.query in {c[0] for c in held} or {o[3] for o in e.objects} & {c[0] for c in held}
+                   for e in generated(200, strict=True))
+
+
+def test_pretraining_is_deterministic_and_saves_a_model_that_loads_like_qwen2vl(tmp_path):
+    args = ["--steps", "2", "--eval_images", "2", "--batch_size", "2", "--log_every", "1", "--warmup_steps", "1"]
+    assert pt.main(["--out", str(tmp_path / "a"), *args]) == 0
+    assert pt.main(["--out", str(tmp_path / "b"), *args]) == 0
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.load(open(tmp_path / "a" / "pretrain.json"))
+    assert report["steps"] == 2 and 0 <= report["held_out_scores"]["token_class_acc"] <= 1
+    assert not os.path.exists(tmp_path / "a.partial")
+    from model_loading import ModelConfig, build_model
+
+    model = build_model(ModelConfig(model_name_or_path=str(tmp_path / "a"), load_in_4bit=True, min_pixels=3136,
+                                    max_pixels=50176, device="cpu", pointing="token"))
+    assert model.image_token_id is not None
+    with pytest.raises(SystemExit):
+        pt.main(["--steps", "0"])
