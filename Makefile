@@ -53,22 +53,27 @@ bench-speed: $(STAMP)
 	$(VENV)/bin/python bench_speed.py --out runs/bench_speed.json
 
 # The synthetic counting benchmark's settings (RESULTS.md): 1-10 objects on plain backgrounds, 224 px
-# images (objects at least about one image token wide), fresh images at every step, full fine-tuning of
-# the tiny random backbone, jittered marks, half the not-done states one object from done.
+# images (objects at least about one image token wide), fresh images at every step, jittered marks, half the
+# not-done states one object from done. Each target says which backbone (--backbone: random, pretrained,
+# pretrained-strict) and how it is trained (--finetune: full, lora4bit = the README's 4-bit + LoRA recipe).
 BENCH_SETTINGS := --num_images 1500 --test_images 300 --image_size 224 --background plain --fresh_images \
-	--finetune full --lr 3e-4 --mark_jitter 0.2 --near_done_fraction 0.5 --eval_every 400 --eval_images 40 \
+	--lr 3e-4 --mark_jitter 0.2 --near_done_fraction 0.5 --eval_every 400 --eval_images 40 \
 	--tune_threshold 0.3,0.4,0.5,0.6,0.7,0.8,0.9
 
 # The seed's simple model and the attention model, each with and without token pointing, under the same
 # 20-minute training budget each (~100 min on 2 cores).
 bench-learning: $(STAMP)
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_learning --steps 3700 --minutes 20 \
-		--variants mean,simple,simple-token,attention,attention-token $(BENCH_SETTINGS)
+		--variants mean,simple,simple-token,attention,attention-token --backbone random --finetune full $(BENCH_SETTINGS)
 
-# The best variant under the issue's budget: 20 minutes of training on 2 CPU cores (~25 min in all).
-bench-learning-20min: $(STAMP)
+# The best variant under the issue's budget, at most 20 minutes of training on 2 CPU cores each, on the pretrained
+# stand-in: full fine-tuning and the README's 4-bit + LoRA recipe (training script's LoRA defaults), same steps and
+# test images (~35 min in all; `make tiny-pretrained` first, once). BACKBONES=random,pretrained adds random rows.
+BACKBONES ?= pretrained
+bench-learning-20min: $(STAMP) $(PRETRAINED)/pretrain.json
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_learning_20min --steps 3700 --minutes 20 \
-		--variants mean,simple-token --protocol text,exemplar $(BENCH_SETTINGS)
+		--variants mean,simple-token --protocol text,exemplar --backbone $(BACKBONES) --finetune full,lora4bit \
+		$(BENCH_SETTINGS)
 
 # The prompt issue's recipe (RESULTS.md section 1b): prompt before the image, FiLM class binding, done also
 # trained on prompts naming an absent class, marks of jittered size (so that the text protocol's own size
@@ -81,14 +86,15 @@ PROMPT_SETTINGS := --protocol text,exemplar --negative_prompts 0.3 --mark_size_j
 # RESULTS.md); 9,000 steps, at most 30 minutes of training (~35 min in all on 2 cores).
 bench-distractors: $(STAMP)
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_distractors --steps 9000 --minutes 30 \
-		--variants mean,simple-token-before-film --distractors 2 --distinct_colours $(PROMPT_SETTINGS) $(BENCH_SETTINGS)
+		--variants mean,simple-token-before-film --distractors 2 --distinct_colours --backbone random --finetune full \
+		$(PROMPT_SETTINGS) $(BENCH_SETTINGS)
 
 # The same on classes never seen in training: colour + shape pairs of a 6 x 6 grid, the test pairs left out of
 # training while every colour and every shape is in it (~35 min).
 bench-unseen: $(STAMP)
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_unseen --steps 9000 --minutes 30 \
-		--variants mean,simple-token-before-film --distractors 2 --class_split compositional $(PROMPT_SETTINGS) \
-		$(BENCH_SETTINGS)
+		--variants mean,simple-token-before-film --distractors 2 --class_split compositional --backbone random \
+		--finetune full $(PROMPT_SETTINGS) $(BENCH_SETTINGS)
 
 # Dense scenes: 10 to 60 objects at 224 px (objects down to half an image token, 1 px apart), one point per
 # forward and every confident point per forward side by side, plus 61 to 80 objects (beyond the training
@@ -97,7 +103,7 @@ bench-unseen: $(STAMP)
 bench-dense: $(STAMP)
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense --steps 3700 --minutes 40 \
 		--variants mean,simple-token --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \
-		--points_per_step 1,auto --beyond_objects 61,80 --protocol text $(BENCH_SETTINGS) \
+		--points_per_step 1,auto --beyond_objects 61,80 --protocol text --backbone random --finetune full $(BENCH_SETTINGS) \
 		--test_images 100 --eval_images 20 --tune_threshold 0.5,0.7,0.9
 
 # Qwen2-VL-2B's architecture with random weights (built once into models/, ~4.4 GB) through the real

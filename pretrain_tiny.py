@@ -12,9 +12,10 @@ knowledge first, on fresh synthetic scenes (`synthetic_fsc147.synth_scene`, ever
 shape grid, 0 to many objects, the benchmarks' image size, its own seed), with four objectives read from the last
 hidden states (the heads are dropped afterwards; only the backbone is saved):
 
-  class    every image token: which class's object covers it, or background (cross-entropy over 64 + 1)
-  marks    numbered marks drawn at random places with random numbers (1 to 60, not in any order); every
-           image token: the number of the mark whose centre it holds, or none (cross-entropy over 61)
+  class    every image token: the colour and the shape of the object that covers it, or background (two
+           cross-entropies over 8 + 1: a pair is both right; unseen pairs are made of seen colours and shapes)
+  marks    numbered marks drawn at random places with random numbers (1 to 60, not in any order); every image
+           token: does it hold a mark's centre (binary cross-entropy), and on those, the number (cross-entropy)
   ground   the prompt names a class ("Find the red rings."), present or not: every image token scores whether it
            shows that class, from the prompt's last token (binary cross-entropy), as a pointer would
   present  is the named class in the image (binary cross-entropy on the prompt's last token)
@@ -50,6 +51,9 @@ from dataset_fsc147 import draw_marks, radius_for_size
 from synthetic_fsc147 import COLOURS, SHAPES, SynthClass, SynthConfig, class_of, synth_scene, synth_split_classes
 
 ALL_CLASSES: list[SynthClass] = [class_of(shape, colour) for colour in COLOURS for shape in SHAPES]  # 64
+COLOUR_INDEX = {c: i + 1 for i, c in enumerate(COLOURS)}  # 0: background
+SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}
+CLASS_PARTS = {name: (COLOUR_INDEX[colour], SHAPE_INDEX[shape]) for name, shape, colour in ALL_CLASSES}
 MAX_MARK_LABEL = 60  # marks show numbers 1..60, drawn in no order
 PROMPT = "Find the {class_name}."
 EVAL_SEED_OFFSET = 100_003  # held-out scenes: another generator seed
@@ -65,7 +69,7 @@ class PretrainConfig:
     steps: int = arg(3000, "optimizer steps")
     minutes: float = arg(30.0, "safety cap: stop after this many minutes (pretrain.json says so)")
     batch_size: int = arg(8, "scenes per step")
-    lr: float = arg(3e-4, "AdamW learning rate, every weight (full training of the tiny backbone and the heads)")
+    lr: float = arg(6e-4, "AdamW learning rate, every weight (full training of the tiny backbone and the heads)")
     warmup_steps: int = arg(100, "linear warmup steps, then cosine decay to 10%")
     image_size: int = arg(224, "scene height; widths in [size, 1.25 x size] (the benchmarks' images)")
     max_objects: int = arg(40, "most objects of one class in a scene (0 to this; sparse scenes have larger objects)")
@@ -132,7 +136,7 @@ class Example:
 def make_example(rng: np.random.Generator, cfg: PretrainConfig, classes: list[SynthClass]) -> Example:
     """A fresh scene of 0 to many objects of up to 1 + --distractors classes, maybe marked, and its query."""
     named = classes[int(rng.integers(len(classes)))]
-    most = int(rng.choice([3, 10, cfg.max_objects]))
+    most = int(rng.choice([3, 10, 10, 20, cfg.max_objects]))  # mostly the benchmarks' densities
     synth = SynthConfig(min_objects=0, max_objects=most, image_height=cfg.image_size, min_width=cfg.image_size,
                         max_width=round(1.25 * cfg.image_size), background=str(rng.choice(["plain", "textured"])),
                         distractors=int(rng.integers(0, cfg.distractors + 1)), distractor_objects=max(1, most // 2),
@@ -157,29 +161,33 @@ def make_example(rng: np.random.Generator, cfg: PretrainConfig, classes: list[Sy
     return Example(image, scene.objects, marks, query, query in present_names, bool(rng.random() < 0.5), radius)
 
 
-def token_targets(example: Example, rows: int, cols: int, class_index: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Per image token (row-major on the rows x cols merged grid): the class covering its centre (0: background),
-    the number of the mark whose centre lies in it (0: none), and whether it shows the named class."""
+def token_targets(example: Example, rows: int, cols: int) -> dict[str, torch.Tensor]:
+    """Per image token (row-major on the rows x cols merged grid): the colour and shape of the object covering its
+    centre (0: background), the number of the mark whose centre lies in it (0: none), and whether it shows the
+    named class; and whether the named class is in the image."""
     width, height = example.image.size
-    cx = (np.arange(cols) + 0.5) / cols * width
-    cy = (np.arange(rows) + 0.5) / rows * height
-    gx, gy = np.meshgrid(cx, cy)  # (rows, cols) token centres in pixels
-    classes = np.zeros((rows, cols), dtype=np.int64)
+    gx, gy = np.meshgrid((np.arange(cols) + 0.5) / cols * width, (np.arange(rows) + 0.5) / rows * height)
+    owner = np.full((rows, cols), -1)  # the object each token shows, -1: background
     nearest = np.full((rows, cols), np.inf)
-    for ox, oy, r, name in example.objects:  # tokens whose centre an object covers
+    for i, (ox, oy, r, _) in enumerate(example.objects):  # tokens whose centre an object covers
         d = np.hypot(gx - ox, gy - oy)
         inside = (d <= r) & (d < nearest)
-        classes[inside], nearest[inside] = class_index[name], d[inside]
-    for ox, oy, r, name in example.objects:  # an object smaller than a token: the token holding its centre
+        owner[inside], nearest[inside] = i, d[inside]
+    for i, (ox, oy, _, _) in enumerate(example.objects):  # an object smaller than a token: the token holding its centre
         row, col = min(rows - 1, int(oy / height * rows)), min(cols - 1, int(ox / width * cols))
-        if classes[row, col] == 0:
-            classes[row, col] = class_index[name]
+        if owner[row, col] < 0:
+            owner[row, col] = i
+    # Per object, then one more entry for the background (owner -1 indexes the last).
+    colour = np.array([CLASS_PARTS[name][0] for *_, name in example.objects] + [0], dtype=np.int64)
+    shape = np.array([CLASS_PARTS[name][1] for *_, name in example.objects] + [0], dtype=np.int64)
+    named = np.array([name == example.query for *_, name in example.objects] + [False], dtype=np.float32)
     marks = np.zeros((rows, cols), dtype=np.int64)
     for x, y, label in example.marks:
         marks[min(rows - 1, int(y / height * rows)), min(cols - 1, int(x / width * cols))] = label
-    named = classes == class_index[example.query]
-    return {"class": torch.from_numpy(classes.reshape(-1)), "mark": torch.from_numpy(marks.reshape(-1)),
-            "ground": torch.from_numpy(named.reshape(-1)).float(), "present": torch.tensor(float(example.present))}
+    flat = owner.reshape(-1)
+    return {"colour": torch.from_numpy(colour[flat]), "shape": torch.from_numpy(shape[flat]),
+            "mark": torch.from_numpy(marks.reshape(-1)), "ground": torch.from_numpy(named[flat]),
+            "present": torch.tensor(float(example.present))}
 
 
 # ----------------------------------------------------------------------------- model
@@ -188,18 +196,22 @@ def token_targets(example: Example, rows: int, cols: int, class_index: dict[str,
 class PretrainHeads(nn.Module):
     """The pretraining objectives' heads on the backbone's last hidden states (dropped after pretraining)."""
 
-    def __init__(self, hidden: int, n_classes: int, key_dim: int = 64):
+    def __init__(self, hidden: int, key_dim: int = 64):
         super().__init__()
-        self.class_head = nn.Linear(hidden, n_classes + 1)  # background + every class
-        self.mark_head = nn.Linear(hidden, MAX_MARK_LABEL + 1)  # no mark + every number
+        self.colour_head = nn.Linear(hidden, len(COLOURS) + 1)  # background + every colour
+        self.shape_head = nn.Linear(hidden, len(SHAPES) + 1)  # background + every shape
+        self.mark_head = nn.Linear(hidden, 1)  # a mark's centre here
+        self.number_head = nn.Linear(hidden, MAX_MARK_LABEL)  # its number, 1..60
         self.query = nn.Linear(hidden, key_dim)  # the prompt's last token -> what to look for
         self.key = nn.Linear(hidden, key_dim)  # each image token -> what it shows
         self.present_head = nn.Linear(hidden, 1)
         self.scale = 1.0 / math.sqrt(key_dim)
 
     def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens (N, H) of one image, last (H,) -> class (N, C + 1), mark (N, 61), ground (N,), present ()."""
-        return {"class": self.class_head(tokens), "mark": self.mark_head(tokens),
+        """tokens (N, H) of one image, last (H,) -> colour (N, 9), shape (N, 9), mark (N,), number (N, 60),
+        ground (N,), present ()."""
+        return {"colour": self.colour_head(tokens), "shape": self.shape_head(tokens),
+                "mark": self.mark_head(tokens)[:, 0], "number": self.number_head(tokens),
                 "ground": self.key(tokens) @ self.query(last) * self.scale, "present": self.present_head(last)[0]}
 
 
@@ -209,7 +221,7 @@ def prompt_text(processor, example: Example) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def forward(backbone, heads: PretrainHeads, processor, examples: list[Example], class_index: dict[str, int]):
+def forward(backbone, heads: PretrainHeads, processor, examples: list[Example]):
     """Outputs and targets per example: [(outputs, targets)]."""
     inputs = processor(text=[prompt_text(processor, e) for e in examples], images=[e.image for e in examples],
                        return_tensors="pt", padding=True)
@@ -221,17 +233,23 @@ def forward(backbone, heads: PretrainHeads, processor, examples: list[Example], 
     for i, example in enumerate(examples):
         tokens = hidden[i, inputs["input_ids"][i] == backbone.config.image_token_id]  # (N_i, H)
         _, h, w = (int(v) for v in inputs["image_grid_thw"][i])
-        targets = token_targets(example, h // merge, w // merge, class_index)
+        targets = token_targets(example, h // merge, w // merge)
         pairs.append((heads(tokens, hidden[i, last[i]]), targets))
     return pairs
 
 
 def losses(pairs) -> dict[str, torch.Tensor]:
     """Each objective's loss, averaged over the examples."""
-    terms = {"class": 0.0, "mark": 0.0, "ground": 0.0, "present": 0.0}
+    terms = {"colour": 0.0, "shape": 0.0, "mark": 0.0, "number": 0.0, "ground": 0.0, "present": 0.0}
     for out, tgt in pairs:
-        terms["class"] = terms["class"] + F.cross_entropy(out["class"], tgt["class"])
-        terms["mark"] = terms["mark"] + F.cross_entropy(out["mark"], tgt["mark"])
+        terms["colour"] = terms["colour"] + F.cross_entropy(out["colour"], tgt["colour"])
+        terms["shape"] = terms["shape"] + F.cross_entropy(out["shape"], tgt["shape"])
+        marked = tgt["mark"] > 0
+        # A mark's centre is in about one token of a hundred: its positives weigh as much as all the negatives.
+        weight = torch.where(marked, max(1.0, float((~marked).sum()) / max(1, int(marked.sum()))), 1.0)
+        terms["mark"] = terms["mark"] + F.binary_cross_entropy_with_logits(out["mark"], marked.float(), weight=weight)
+        if marked.any():
+            terms["number"] = terms["number"] + F.cross_entropy(out["number"][marked], tgt["mark"][marked] - 1)
         terms["ground"] = terms["ground"] + F.binary_cross_entropy_with_logits(out["ground"], tgt["ground"])
         terms["present"] = terms["present"] + F.binary_cross_entropy_with_logits(out["present"], tgt["present"])
     return {k: v / len(pairs) for k, v in terms.items()}
@@ -253,22 +271,27 @@ class Scores:
 
 
 @torch.no_grad()
-def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes, class_index) -> dict:
-    """Scores on --eval_images held-out scenes (another seed): per-token class accuracy on object tokens and on
-    background, mark numbers read on mark tokens, marks seen where none is, the named class's tokens found,
-    presence answered."""
+def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
+    """Scores on --eval_images held-out scenes (another seed): per-token colour, shape and class (both right)
+    accuracy on object tokens, background kept as background, marks found (recall) and seen where none is (false
+    alarms), numbers read on mark tokens, the named class's tokens found, presence answered."""
     backbone.eval()
     rng = np.random.default_rng(cfg.seed + EVAL_SEED_OFFSET)
     scores = Scores()
     examples = [make_example(rng, cfg, classes) for _ in range(cfg.eval_images)]
     for start in range(0, len(examples), cfg.batch_size):
-        for out, tgt in forward(backbone, heads, processor, examples[start:start + cfg.batch_size], class_index):
-            pred, obj = out["class"].argmax(-1), tgt["class"] > 0
-            scores.add("token_class_acc", (pred[obj] == tgt["class"][obj]).sum(), obj.sum())
-            scores.add("background_acc", (pred[~obj] == 0).sum(), (~obj).sum())
-            mark_pred, marked = out["mark"].argmax(-1), tgt["mark"] > 0
-            scores.add("mark_number_acc", (mark_pred[marked] == tgt["mark"][marked]).sum(), marked.sum())
-            scores.add("mark_false_alarm", (mark_pred[~marked] > 0).sum(), (~marked).sum())
+        for out, tgt in forward(backbone, heads, processor, examples[start:start + cfg.batch_size]):
+            colour, shape, obj = out["colour"].argmax(-1), out["shape"].argmax(-1), tgt["colour"] > 0
+            right_colour, right_shape = colour == tgt["colour"], shape == tgt["shape"]
+            scores.add("token_colour_acc", right_colour[obj].sum(), obj.sum())
+            scores.add("token_shape_acc", right_shape[obj].sum(), obj.sum())
+            scores.add("token_class_acc", (right_colour & right_shape)[obj].sum(), obj.sum())
+            scores.add("background_acc", ((colour == 0) & (shape == 0))[~obj].sum(), (~obj).sum())
+            found, marked = out["mark"] > 0, tgt["mark"] > 0
+            scores.add("mark_recall", (found & marked).sum(), marked.sum())
+            scores.add("mark_false_alarm", (found & ~marked).sum(), (~marked).sum())
+            number = out["number"].argmax(-1) + 1
+            scores.add("mark_number_acc", (number[marked] == tgt["mark"][marked]).sum(), marked.sum())
             ground, pos = out["ground"] > 0, tgt["ground"] > 0
             scores.add("ground_recall", (ground & pos).sum(), pos.sum())
             scores.add("ground_precision", (ground & pos).sum(), ground.sum())
@@ -296,7 +319,7 @@ def build(cfg: PretrainConfig):
     processor = build_processor(tiny, tokenizer)
     torch.manual_seed(cfg.seed)
     backbone = build_model(tiny, tokenizer).train()
-    heads = PretrainHeads(backbone.config.text_config.hidden_size, len(ALL_CLASSES))
+    heads = PretrainHeads(backbone.config.text_config.hidden_size)
     return tiny, processor, backbone, heads
 
 
@@ -313,7 +336,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     tiny, processor, backbone, heads = build(cfg)
     classes = pretraining_classes(cfg)
-    class_index = {c[0]: i + 1 for i, c in enumerate(ALL_CLASSES)}
     params = list(backbone.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
@@ -327,7 +349,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             stopped_by = f"--minutes {cfg.minutes} at step {step}"
             break
         examples = [make_example(rng, cfg, classes) for _ in range(cfg.batch_size)]
-        terms = losses(forward(backbone, heads, processor, examples, class_index))
+        terms = losses(forward(backbone, heads, processor, examples))
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -344,7 +366,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         step = cfg.steps
     bar.close()
     train_s = time.monotonic() - start
-    scores = evaluate(cfg, backbone, heads, processor, classes, class_index)
+    scores = evaluate(cfg, backbone, heads, processor, classes)
     report = {"config": asdict(cfg), "steps": step, "train_minutes": train_s / 60, "stopped_by": stopped_by,
               "classes": len(classes), "held_out_pairs": [c[0] for c in held_out_pairs(cfg)] if cfg.strict else [],
               "held_out_scores": scores, "curve": curve, "threads": torch.get_num_threads(),

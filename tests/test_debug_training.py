@@ -54,6 +54,6 @@ def test_debug_checks_the_loss_that_training_optimises(train_config, monkeypatch
     monkeypatch.setattr(debug_training, "state_loss", spy)
     cfg = debug_training.DebugConfig(**{**dataclasses.asdict(train_config), "pointing": "token", "class_loss": 0.5,
                                         "object_map_focal": 2.0})
-    report = debug_training.run_checks(cfg)
+    debug_training.run_checks(cfg)
     assert seen and all(w is not None and w.classes == 0.5 and w.object_map_focal == 2.0 for w, _, _ in seen)
     assert all(vocab and has_class_head for _, vocab, has_class_head in seen)

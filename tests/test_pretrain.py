@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import pretrain_tiny as pt
 from synthetic_fsc147 import COLOURS, SHAPES
 
-TARGET_KEYS = {"class", "mark", "ground", "present"}
+TARGET_KEYS = {"colour", "shape", "mark", "ground", "present"}
 
 
 def generated(n: int, strict: bool = False, seed: int = 0):
@@ -43,15 +43,14 @@ def counting_state(example) -> bool:
 
 
 def test_no_pretraining_target_carries_a_count_and_no_mark_is_in_counting_order():
-    index = {c[0]: i + 1 for i, c in enumerate(pt.ALL_CLASSES)}
     examples = generated(300)
     assert sum(bool(e.marks) for e in examples) > 100  # marks are drawn, and read
     assert not any(counting_state(e) for e in examples)
     for e in examples:
-        targets = pt.token_targets(e, 8, 10, index)
+        targets = pt.token_targets(e, 8, 10)
         assert set(targets) == TARGET_KEYS  # per-token maps and one yes/no: no field for how many
         assert float(targets["present"]) in (0.0, 1.0)
-        assert targets["class"].shape == targets["mark"].shape == targets["ground"].shape == (80,)
+        assert targets["colour"].shape == targets["mark"].shape == targets["ground"].shape == (80,)
         assert set(targets["ground"].tolist()) <= {0.0, 1.0}
 
 
@@ -65,22 +64,23 @@ def test_the_counting_state_check_catches_marks_in_counting_order():
 
 
 def test_token_targets_by_hand():
-    """A 112 x 112 image on a 4 x 4 token grid (token centres at 14, 42, 70, 98 px): an object of radius 20 at the
-    middle covers the four middle tokens (their centres 19.8 px away); a 3 px object at (100, 100) gets the token
+    """A 112 x 112 image on a 4 x 4 token grid (token centres at 14, 42, 70, 98 px): a red ring of radius 20 at the
+    middle covers the four middle tokens (their centres 19.8 px away); a 3 px blue star at (100, 100) gets the token
     holding its centre; a mark numbered 7 at (100, 10) lies in row 0, column 3."""
-    red_rings, blue_stars = "red rings", "blue stars"
-    index = {red_rings: 5, blue_stars: 9}
-    example = pt.Example(Image.new("RGB", (112, 112)), [(56, 56, 20, red_rings), (100, 100, 3, blue_stars)],
-                         [(100, 10, 7)], query=red_rings, present=True, prompt_before=False)
-    t = pt.token_targets(example, 4, 4, index)
-    expected = np.zeros((4, 4), dtype=np.int64)
-    expected[1:3, 1:3] = 5
-    expected[3, 3] = 9
-    assert t["class"].reshape(4, 4).tolist() == expected.tolist()
+    example = pt.Example(Image.new("RGB", (112, 112)), [(56, 56, 20, "red rings"), (100, 100, 3, "blue stars")],
+                         [(100, 10, 7)], query="red rings", present=True, prompt_before=False)
+    t = pt.token_targets(example, 4, 4)
+    red, ring = list(COLOURS).index("red") + 1, list(SHAPES).index("ring") + 1
+    blue, star = list(COLOURS).index("blue") + 1, list(SHAPES).index("star") + 1
+    colour, shape = np.zeros((4, 4), dtype=np.int64), np.zeros((4, 4), dtype=np.int64)
+    colour[1:3, 1:3], shape[1:3, 1:3] = red, ring
+    colour[3, 3], shape[3, 3] = blue, star
+    assert t["colour"].reshape(4, 4).tolist() == colour.tolist()
+    assert t["shape"].reshape(4, 4).tolist() == shape.tolist()
     marks = np.zeros((4, 4), dtype=np.int64)
     marks[0, 3] = 7
     assert t["mark"].reshape(4, 4).tolist() == marks.tolist()
-    assert t["ground"].reshape(4, 4).tolist() == (expected == 5).astype(float).tolist()
+    assert t["ground"].reshape(4, 4).tolist() == (colour == red).astype(float).tolist()
     assert float(t["present"]) == 1.0
 
 
@@ -102,19 +102,51 @@ def test_strict_leaves_out_the_held_out_pairs_but_no_colour_or_shape():
                    for e in generated(200, strict=True))
 
 
-def test_pretraining_is_deterministic_and_saves_a_model_that_loads_like_qwen2vl(tmp_path):
-    args = ["--steps", "2", "--eval_images", "2", "--batch_size", "2", "--log_every", "1", "--warmup_steps", "1"]
-    assert pt.main(["--out", str(tmp_path / "a"), *args]) == 0
-    assert pt.main(["--out", str(tmp_path / "b"), *args]) == 0
-    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+QUICK = ["--steps", "2", "--eval_images", "2", "--batch_size", "2", "--log_every", "1", "--warmup_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def quick_pretrained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pretrained") / "tiny-pretrained")
+    assert pt.main(["--out", out, *QUICK]) == 0
+    return out
+
+
+def test_pretraining_is_deterministic_and_saves_a_model_that_loads_like_qwen2vl(quick_pretrained, tmp_path):
+    again = str(tmp_path / "again")
+    assert pt.main(["--out", again, *QUICK]) == 0
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (quick_pretrained, again))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    report = json.load(open(tmp_path / "a" / "pretrain.json"))
+    report = json.load(open(os.path.join(quick_pretrained, "pretrain.json")))
     assert report["steps"] == 2 and 0 <= report["held_out_scores"]["token_class_acc"] <= 1
-    assert not os.path.exists(tmp_path / "a.partial")
+    assert not os.path.exists(quick_pretrained + ".partial")
     from model_loading import ModelConfig, build_model
 
-    model = build_model(ModelConfig(model_name_or_path=str(tmp_path / "a"), load_in_4bit=True, min_pixels=3136,
+    model = build_model(ModelConfig(model_name_or_path=quick_pretrained, load_in_4bit=True, min_pixels=3136,
                                     max_pixels=50176, device="cpu", pointing="token"))
     assert model.image_token_id is not None
     with pytest.raises(SystemExit):
         pt.main(["--steps", "0"])
+
+
+def test_bench_rows_per_backbone_and_finetune(quick_pretrained, tmp_path, capsys):
+    import bench_learning
+
+    out = tmp_path / "bench"
+    assert bench_learning.main(["--output_dir", str(out), "--variants", "mean,simple-token", "--backbone",
+                                "random,pretrained", "--pretrained_dir", quick_pretrained, "--finetune",
+                                "full,lora4bit", "--steps", "2", "--num_images", "25", "--max_objects", "3",
+                                "--eval_every", "0", "--eval_images", "2", "--test_images", "3", "--max_count", "4",
+                                "--warmup_steps", "1"]) == 0
+    rows = json.load(open(out / "results.json"))["results"]
+    assert [(r["variant"], r["backbone"], r["finetune"]) for r in rows] == [
+        ("mean", "-", "-"), ("simple-token", "random", "full"), ("simple-token", "random", "lora4bit"),
+        ("simple-token", "pretrained", "full"), ("simple-token", "pretrained", "lora4bit")]
+    saved = json.load(open(out / "simple-token_pretrained_lora4bit" / "config.json"))
+    assert saved["model_name_or_path"] == quick_pretrained and saved["load_in_4bit"] and saved["finetune"] == "lora"
+    assert saved["lora_r"] == 16 and saved["lora_alpha"] == 32 and "qkv" not in saved["lora_target_modules"]
+    assert "| simple-token | pretrained | lora4bit | text |" in open(out / "results.md").read()
+    # A stand-in that is not built is a clear error naming the target that builds it.
+    with pytest.raises(SystemExit):
+        bench_learning.main(["--backbone", "pretrained", "--pretrained_dir", str(tmp_path / "none")])
+    assert "run `make tiny-pretrained`" in capsys.readouterr().err
