@@ -266,6 +266,11 @@ def points_json(result: CountResult, image_path: str, class_name: str) -> dict:
             "object_size": None if result.object_size is None else round(result.object_size, 2)}
 
 
+def base_override(model_name_or_path: str) -> dict:
+    """`load_checkpoint` keywords for --model_name_or_path: the base weights from there instead of the saved path."""
+    return {"model_name_or_path": model_name_or_path} if model_name_or_path else {}
+
+
 def parse_boxes(text: str) -> np.ndarray:
     """'x1,y1,x2,y2;...' -> (M, 4) float32 boxes; raises ValueError naming what is wrong."""
     boxes = []
@@ -298,6 +303,8 @@ def main(argv=None) -> int:
         done_threshold: float = arg(0.5, "stop when sigmoid(done) exceeds this")
         max_count: int = arg(MAX_COUNT, "stop after this many points")
         device: str = arg("auto", "auto, cpu or cuda")
+        model_name_or_path: str = arg("", "the base model's folder or hub id (default: the path saved in the "
+                                      "checkpoint's config.json; give it when the weights moved)")
 
     def validate(cfg) -> list[str]:
         errors = [f"--{name} is required" for name in ("checkpoint", "image", "class_name") if not getattr(cfg, name)]
@@ -327,10 +334,10 @@ def main(argv=None) -> int:
         if not os.path.isfile(cfg.image):
             raise UsageError(f"image {cfg.image!r} does not exist")
         try:
-            image = load_rgb(cfg.image)
+            image = load_rgb(cfg.image, exif_orientation=True)  # as a viewer shows it: points in that frame
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read image {cfg.image!r}: {e}") from None
-        model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device)
+        model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -142,10 +142,15 @@ def read_class_file(path: str) -> dict[str, str]:
     return classes
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image fully and convert it to RGB (grayscale, palette, RGBA, CMYK, 16-bit)."""
-    with Image.open(path) as im:
-        im.load()
+def load_rgb(path: str, exif_orientation: bool = False) -> Image.Image:
+    """Open an image fully and convert it to RGB (grayscale, palette, RGBA, CMYK, 16-bit). exif_orientation: turn
+    it as its EXIF orientation tag says, as a photo viewer does (a phone photo; dataset annotations are in the
+    stored pixels, so datasets read it as stored)."""
+    from PIL import ImageOps
+
+    with Image.open(path) as raw:
+        raw.load()
+        im = ImageOps.exif_transpose(raw) if exif_orientation else raw
         if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             background = Image.new("RGB", im.size, (255, 255, 255))

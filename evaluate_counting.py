@@ -4,6 +4,8 @@
     python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root DIR --split test \
         --output_dir eval_test --batch_size 16 --save_overlays 8
     python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root /path/FSC147 --split test --protocol exemplar
+    python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root /path/FSC147 --split test \
+        --tune_threshold 0.3,0.5,0.7,0.9      # the done threshold chosen on val, then test counted with it
 
 Protocols (`summary.protocol` in results.json), i.e. what the counter is given at test time:
   text      (default) the image and the class name only: marks are sized from the model's own estimate of
@@ -24,6 +26,7 @@ Metrics (as in the FSC-147 literature; ground truth = number of annotated points
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -34,7 +37,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from count_objects import (MAX_COUNT, PROTOCOLS, CountResult, CountSettings, count_objects, parse_points_per_step,
+from count_objects import (MAX_COUNT, PROTOCOLS, CountResult, CountSettings, base_override, count_objects,
+                           parse_points_per_step,
                            points_per_step_errors)
 from cli import UsageError, arg, parse_config, write_json_atomic
 from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size
@@ -58,11 +62,19 @@ class EvalConfig:
                                "results.json says what it cost")
     duplicate_guard: bool = arg(True, "a point within half an object size of a counted one is not counted: the loop takes "
                                 "the model's next candidate or stops the image (stopped_on_duplicates)")
+    tune_threshold: str = arg("", "comma-separated done thresholds, e.g. 0.3,0.5,0.7,0.9: each is tried on "
+                              "--tune_split, and --split is counted at the one with the lowest MAE there (results.json "
+                              "records both); empty: --done_threshold")
+    tune_split: str = arg("val", "the split the done threshold is chosen on (never the split being reported)")
+    tune_images: int = arg(0, "images of --tune_split counted per threshold, a fixed sample spread over its classes "
+                           "(0: all of them)")
     max_images: int = arg(0, "count only N images of the split, a fixed sample spread over its classes (0: all); "
                           "results.json then says subset and not complete")
     match_radius: float = arg(0.0, "localisation match radius in pixels (0: half the image's mean exemplar box size)")
     save_overlays: int = arg(0, "write PNGs of the first K images: predicted marks | ground-truth dots")
     device: str = arg("auto", "auto, cpu or cuda")
+    model_name_or_path: str = arg("", "the base model's folder or hub id (default: the path saved in the checkpoint's "
+                                  "config.json; give it when the weights moved)")
 
 
 def validate_eval_config(cfg: EvalConfig) -> list[str]:
@@ -74,9 +86,21 @@ def validate_eval_config(cfg: EvalConfig) -> list[str]:
     if cfg.protocol not in PROTOCOLS:
         errors.append(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     errors += points_per_step_errors(cfg.points_per_step)
-    if cfg.max_images < 0 or cfg.save_overlays < 0 or cfg.match_radius < 0:
-        errors.append("--max_images, --save_overlays and --match_radius must be >= 0")
+    if cfg.max_images < 0 or cfg.save_overlays < 0 or cfg.match_radius < 0 or cfg.tune_images < 0:
+        errors.append("--max_images, --save_overlays, --match_radius and --tune_images must be >= 0")
+    try:
+        if not all(0 < t < 1 for t in parse_thresholds(cfg.tune_threshold)):
+            errors.append("--tune_threshold values must be in (0, 1)")
+    except ValueError:
+        errors.append(f"--tune_threshold must be comma-separated numbers, got {cfg.tune_threshold!r}")
+    if cfg.tune_threshold and cfg.tune_split == cfg.split:
+        errors.append(f"--tune_split {cfg.tune_split!r} is the split being reported: choose the threshold on another "
+                      "one (val), or the reported numbers are tuned on their own test images")
     return errors
+
+
+def parse_thresholds(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -266,7 +290,10 @@ def incomplete_warning(summary: dict, split: str) -> str:
 
 
 def print_summary(summary: dict, split: str) -> None:
-    rows = [("protocol", summary["protocol"]), ("images", f"{summary['n_images']}"), ("MAE", f"{summary['mae']:.3f}"),
+    rows = [("protocol", summary["protocol"]), ("done threshold", f"{summary.get('done_threshold', '-')}"
+                                                + (f" (chosen on {summary['threshold_tuning']['split']})"
+                                                   if "threshold_tuning" in summary else "")),
+            ("images", f"{summary['n_images']}"), ("MAE", f"{summary['mae']:.3f}"),
             ("RMSE", f"{summary['rmse']:.3f}"),
             ("NAE", f"{summary['nae']:.3f}"), ("precision", f"{summary['precision']:.3f}"),
             ("recall", f"{summary['recall']:.3f}"), ("F1", f"{summary['f1']:.3f}"),
@@ -288,14 +315,36 @@ def print_summary(summary: dict, split: str) -> None:
         print("  " + incomplete_warning(summary, split))
 
 
+def choose_threshold(cfg: EvalConfig, model, settings: CountSettings) -> tuple[float, dict]:
+    """The done threshold with the lowest MAE on --tune_split (one point per forward, the other settings as given),
+    and what each threshold scored there. Reads no image of --split."""
+    tune = FSC147Dataset(cfg.data_root, cfg.tune_split)
+    maes = {}
+    for t in parse_thresholds(cfg.tune_threshold):
+        print(f"choosing the done threshold on {cfg.tune_split!r}: {t}", flush=True)
+        _, summary, _, _ = count_dataset(model, tune, dataclasses.replace(settings, done_threshold=t, points_per_step=1),
+                                         cfg.tune_images, cfg.match_radius)
+        maes[t] = summary["mae"]
+    chosen = min(maes, key=maes.get)
+    return chosen, {"split": cfg.tune_split, "images": summary["n_images"], "mae_per_threshold": {str(t): m for t, m in
+                    maes.items()}, "chosen": chosen}
+
+
 def main(argv=None) -> int:
     cfg = parse_config(EvalConfig, argv, __doc__, validate_eval_config)
     try:
         dataset = FSC147Dataset(cfg.data_root, cfg.split)
-        model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device)
+        model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
         settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol,
                                  parse_points_per_step(cfg.points_per_step), cfg.duplicate_guard)
+        tuning = {}
+        if cfg.tune_threshold:  # chosen on another split before a single image of this one is read
+            threshold, tuning = choose_threshold(cfg, model, settings)
+            settings = dataclasses.replace(settings, done_threshold=threshold)
         records, summary, samples, results = count_dataset(model, dataset, settings, cfg.max_images, cfg.match_radius)
+        summary["done_threshold"] = settings.done_threshold
+        if tuning:
+            summary["threshold_tuning"] = tuning
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

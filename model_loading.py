@@ -382,6 +382,10 @@ def load_checkpoint(path: str, device: str = "auto", trainable: bool = False, co
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = config_from_dict(config_cls, json.load(f))
     cfg = dataclasses.replace(cfg, device=device, **overrides)
+    base = cfg.model_name_or_path
+    if "model_name_or_path" not in overrides and (os.path.isabs(base) or base.startswith(".")) and not os.path.isdir(base):
+        raise UsageError(f"{path}: the base weights it was trained on, {base!r}, are not there (moved?): pass "
+                         "--model_name_or_path with the folder (or hub id) of the same model")
     need = "adapter_config.json" if cfg.finetune == "lora" else BACKBONE_FILE
     if not os.path.exists(os.path.join(path, need)):
         raise UsageError(f"{path} is not a complete checkpoint: missing {need} (--finetune {cfg.finetune})")

@@ -464,3 +464,57 @@ def test_count_objects_cli_rejects_boxes_and_radius_together(trained_run, tmp_pa
         count_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-last"), "--image", good, "--class_name",
                         "x", "--protocol", "exemplar", "--exemplar_boxes", "1,2,30,40", "--mark_radius", "6"])
     assert "--exemplar_boxes and --mark_radius both set the marks' size" in capsys.readouterr().err
+
+
+def test_tune_threshold_chooses_on_val_before_reading_a_test_image(trained_run, synth_root, tmp_path, monkeypatch):
+    reads = []
+    real = FSC147Dataset.__getitem__
+    monkeypatch.setattr(FSC147Dataset, "__getitem__", lambda self, i: reads.append(self.split) or real(self, i))
+    out = str(tmp_path / "eval")
+    assert eval_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-last"), "--data_root", synth_root,
+                          "--split", "test", "--output_dir", out, "--max_count", "3",
+                          "--tune_threshold", "0.3,0.7"]) == 0
+    first_test = reads.index("test")
+    assert set(reads[:first_test]) == {"val"} and set(reads[first_test:]) == {"test"}
+    assert len(reads[:first_test]) == 2 * 6  # both thresholds on every val image
+    summary = json.load(open(os.path.join(out, "results.json")))["summary"]
+    tuning = summary["threshold_tuning"]
+    assert tuning["split"] == "val" and set(tuning["mae_per_threshold"]) == {"0.3", "0.7"}
+    assert summary["done_threshold"] == tuning["chosen"] == min((0.3, 0.7), key=lambda t: tuning["mae_per_threshold"][str(t)])
+    with pytest.raises(SystemExit):  # tuning on the split being reported is refused
+        eval_mod.main(["--checkpoint", "x", "--data_root", synth_root, "--split", "val", "--tune_threshold", "0.5"])
+
+
+def test_moved_base_weights_are_a_clear_error_and_model_name_or_path_overrides(trained_run, tiny_model_dir, tmp_path,
+                                                                              capsys):
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(trained_run, "checkpoint-last"), ckpt)
+    config = json.load(open(os.path.join(ckpt, "config.json")))
+    config["model_name_or_path"] = str(tmp_path / "moved-away")
+    json.dump(config, open(os.path.join(ckpt, "config.json"), "w"))
+    image = str(tmp_path / "img.png")
+    Image.new("RGB", (120, 90)).save(image)
+    args = ["--checkpoint", ckpt, "--image", image, "--class_name", "x", "--out_dir", str(tmp_path), "--max_count", "1"]
+    assert count_mod.main(args) == 2
+    assert "pass --model_name_or_path" in capsys.readouterr().err
+    assert count_mod.main(args + ["--model_name_or_path", tiny_model_dir]) == 0
+
+
+def test_photos_are_read_as_their_exif_orientation_shows_them(trained_run, tmp_path):
+    """A phone photo stored 200 x 100 with EXIF orientation 6 (turn 90 degrees clockwise) is shown 100 x 200: it is
+    counted, and its points given, in that frame. Dataset images are read as stored."""
+    from dataset_fsc147 import load_rgb
+
+    path = str(tmp_path / "phone.jpg")
+    stored = Image.new("RGB", (200, 100), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 20, 20))  # a blue corner: top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif.tobytes())
+    shown = load_rgb(path, exif_orientation=True)
+    assert shown.size == (100, 200) and load_rgb(path).size == (200, 100)
+    assert shown.getpixel((90, 5))[2] > 150  # turned clockwise: the stored top-left corner is now top right
+    out = tmp_path / "out"
+    assert count_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-last"), "--image", path,
+                           "--class_name", "x", "--out_dir", str(out), "--max_count", "2"]) == 0
+    assert Image.open(out / "phone_counted.png").size == (100, 200)

@@ -111,7 +111,8 @@ def test_the_recipe_that_counts_is_the_default_of_every_entry_point():
     assert bench_learning.train_config(bench, "simple-token", "d", "m").pointing == "token"
     assert "simple-token" in bench.variants.split(",")
     # Every training command in the README trains the recipe that counts, unless it asks for the seed's.
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().replace("\\\n", " ")
+    readme = "".join(open(os.path.join(ROOT, name), encoding="utf-8").read() for name in ("README.md", "docs/training.md"))
+    readme = readme.replace("\\\n", " ")
     commands = re.findall(r"(?:python|accelerate launch.*?) train_sequential_attention\.py ([^\n`]*)", readme)
     commands = [c for c in commands if "--help" not in c]
     assert len(commands) >= 2
