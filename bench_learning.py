@@ -53,6 +53,7 @@ import numpy as np
 from cli import UsageError, arg, parse_config, write_json_atomic
 from count_objects import PROTOCOLS, CountSettings, parse_points_per_step
 from dataset_fsc147 import FSC147Dataset, write_synthetic_fsc147
+from evaluate_counting import parse_thresholds
 from synthetic_fsc147 import SynthConfig, validate_synth
 from train_sequential_attention import TrainConfig
 
@@ -122,6 +123,8 @@ class BenchConfig:
     lora_r: int = arg(16, "LoRA rank (alpha = 2 x rank; the training script's defaults: 16, 32)")
     batch_size: int = arg(8, "counting states per optimizer step")
     lr: float = arg(3e-4, "learning rate (one for every trainable parameter)")
+    lora_lr: float = arg(0.0, "learning rate of the LoRA rows (--finetune lora4bit or lora; 0: --lr); each training run "
+                         "still has one rate for every trainable parameter")
     warmup_steps: int = arg(100, "linear warmup steps")
     lr_schedule: str = arg("cosine", "cosine or constant")
     near_done_fraction: float = arg(0.5, "fraction of not-done cls states with one object left (k = N - 1)")
@@ -189,8 +192,8 @@ def validate(cfg: BenchConfig) -> list[str]:
             errors.append(f"--{name} must be >= 1")
     if cfg.eval_every < 0 or cfg.test_images < 0 or cfg.warmup_steps < 0 or cfg.num_workers < 0:
         errors.append("--eval_every, --test_images, --warmup_steps and --num_workers must be >= 0")
-    if not 0 < cfg.lr < 1:
-        errors.append(f"--lr must be in (0, 1), got {cfg.lr}")
+    if not 0 < cfg.lr < 1 or not 0 <= cfg.lora_lr < 1:
+        errors.append(f"--lr must be in (0, 1) and --lora_lr in [0, 1), got {cfg.lr}, {cfg.lora_lr}")
     try:
         if not all(0 < t < 1 for t in parse_thresholds(cfg.tune_threshold) + [cfg.done_threshold]):
             errors.append("--done_threshold and --tune_threshold values must be in (0, 1)")
@@ -201,10 +204,6 @@ def validate(cfg: BenchConfig) -> list[str]:
 
 def parse_variants(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def parse_thresholds(text: str) -> list[float]:
-    return [float(t) for t in text.split(",") if t.strip()]
 
 
 def backbone_errors(cfg: BenchConfig) -> list[str]:
@@ -307,8 +306,10 @@ def _reuse_or_build(folder: str, settings: dict, build) -> str:
 
 
 def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, backbone: str = "random",
-                 finetune: str = "full") -> TrainConfig:
-    """The training run of one variant: same data, seed and budget as every other variant."""
+                 finetune: str | None = None) -> TrainConfig:
+    """The training run of one variant: same data, seed and budget as every other variant (finetune: the first
+    of --finetune unless given)."""
+    finetune = finetune or parse_variants(cfg.finetune)[0]
     side = processor_side(cfg)
     targets = TEXT_LORA + ("," + VISION_LORA if cfg.lora_vision else "")
     model_type, *suffixes = variant.split("-")
@@ -324,7 +325,7 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str,
         load_in_4bit=finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
         lora_target_modules=targets, attention_dim=cfg.attention_dim, head_hidden=cfg.head_hidden,
         min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,
-        max_minutes=cfg.minutes, lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule,
+        max_minutes=cfg.minutes, lr=cfg.lora_lr if finetune != "full" and cfg.lora_lr else cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule,
         near_done_fraction=cfg.near_done_fraction,
         seed=cfg.seed, log_every=1, eval_every=cfg.eval_every, eval_states=32, eval_images=cfg.eval_images,
         eval_overlays=0, max_count=cfg.max_count, done_threshold=cfg.done_threshold, save_every=0,
@@ -416,7 +417,7 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
 
 
 def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, tests: dict[str, FSC147Dataset],
-                backbone: str = "random", finetune: str = "full") -> list[dict]:
+                backbone: str, finetune: str) -> list[dict]:
     """Train one variant on one backbone, then count the test split with its checkpoint-best (lowest val count
     MAE)."""
     from train_sequential_attention import train

@@ -302,7 +302,7 @@ def print_summary(summary: dict, split: str) -> None:
             ("skipped", f"{summary['n_skipped']}"), ("counted / listed", f"{summary['n_images']} / {summary['n_listed']}"),
             ("images/s", f"{summary['images_per_s']:.2f}")]
     if summary.get("says_total") is not None:
-        rows.append(("says_total", f"{summary['says_total']:.3f} of {summary['n_with_distractors']}"))
+        rows.append(("says_total", f"{summary['says_total']:.3f} ({summary['n_with_distractors']} images)"))
     if "object_size_rel_err" in summary:
         rows.append(("object size rel. error", f"{summary['object_size_rel_err']:.3f}"))
     if "baseline_mean_mae" in summary:

@@ -1,11 +1,12 @@
 """Train the sequential counter: alternating done/not-done (cls) and next-object (reg) steps.
 
-Tiny CPU run (synthetic data + tiny random Qwen2-VL, the real 4-bit QLoRA path; what `make demo` does):
-    python dataset_fsc147.py synth --out demo/data --num_images 200 --max_objects 6
-    python tiny_qwen2vl.py --out demo/tiny-qwen2vl
-    python train_sequential_attention.py --data_root demo/data --model_name_or_path demo/tiny-qwen2vl \
+Tiny CPU run (synthetic data + tiny random Qwen2-VL through the real 4-bit + LoRA path; `make demo` instead trains
+the tiny backbone in full: ./run_sequential_attention.sh --demo):
+    python dataset_fsc147.py synth --out /tmp/data --num_images 200 --max_objects 6
+    python tiny_qwen2vl.py --out /tmp/tiny-qwen2vl
+    python train_sequential_attention.py --data_root /tmp/data --model_name_or_path /tmp/tiny-qwen2vl \
         --max_steps 600 --batch_size 8 --lr 3e-4 --warmup_steps 30 --min_pixels 3136 --max_pixels 50176 \
-        --eval_images 16 --max_count 20 --output_dir runs/demo [--model_type attention]
+        --eval_images 16 --max_count 20 --device cpu --output_dir runs/tiny [--model_type attention]
 
 One GPU, FSC-147 and Qwen2-VL-2B-Instruct (or ./run_sequential_attention.sh):
     python train_sequential_attention.py --data_root /path/FSC147 --batch_size 2 --epochs 10 \

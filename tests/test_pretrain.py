@@ -137,7 +137,7 @@ def test_bench_rows_per_backbone_and_finetune(quick_pretrained, tmp_path, capsys
                                 "random,pretrained", "--pretrained_dir", quick_pretrained, "--finetune",
                                 "full,lora4bit", "--steps", "2", "--num_images", "25", "--max_objects", "3",
                                 "--eval_every", "0", "--eval_images", "2", "--test_images", "3", "--max_count", "4",
-                                "--warmup_steps", "1"]) == 0
+                                "--warmup_steps", "1", "--lora_lr", "1e-3"]) == 0
     rows = json.load(open(out / "results.json"))["results"]
     assert [(r["variant"], r["backbone"], r["finetune"]) for r in rows] == [
         ("mean", "-", "-"), ("simple-token", "random", "full"), ("simple-token", "random", "lora4bit"),
@@ -145,6 +145,7 @@ def test_bench_rows_per_backbone_and_finetune(quick_pretrained, tmp_path, capsys
     saved = json.load(open(out / "simple-token_pretrained_lora4bit" / "config.json"))
     assert saved["model_name_or_path"] == quick_pretrained and saved["load_in_4bit"] and saved["finetune"] == "lora"
     assert saved["lora_r"] == 16 and saved["lora_alpha"] == 32 and "qkv" not in saved["lora_target_modules"]
+    assert saved["lr"] == 1e-3 and json.load(open(out / "simple-token_pretrained_full" / "config.json"))["lr"] == 3e-4
     assert "| simple-token | pretrained | lora4bit | text |" in open(out / "results.md").read()
     # A stand-in that is not built is a clear error naming the target that builds it.
     with pytest.raises(SystemExit):
