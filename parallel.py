@@ -223,7 +223,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
 
 
-PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2  # prctl(2) options (Linux)
+PR_SET_PDEATHSIG = 1  # prctl(2) option (Linux): the signal a process gets when its parent dies
 
 
 def exit_with_parent(worker_id: int = 0) -> None:
