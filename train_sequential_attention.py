@@ -550,19 +550,28 @@ def iterate_or_fail(loader):
         yield samples, None
 
 
+def report(kind: str, error: BaseException) -> None:
+    """Print why the run ended on a line of its own, in one write."""
+    # With several processes, rank 0's progress bar (no newline yet) shares stderr with the others: a leading
+    # newline keeps another process's message from landing at the end of the bar's line.
+    lead = "\n" if rank_and_world()[1] > 1 else ""
+    sys.stderr.write(f"{lead}{kind}: {error}\n")
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     cfg = parse_config(TrainConfig, argv, __doc__, validate_train_config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = train(cfg)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report("error", e)
         return 2
     except TrainingStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        report("stopped", e)
         return 1
     except ProcessFailure as e:  # every process gets here with every failing process's message
-        print(f"error: {e}", file=sys.stderr)
+        report("error", e)
         return 1
     finally:
         if rank_and_world()[1] > 1:
