@@ -52,6 +52,7 @@ import numpy as np
 
 from cli import UsageError, arg, parse_config, write_json_atomic
 from count_objects import PROTOCOLS, CountSettings, parse_points_per_step
+from tiles import parse_tiles, tiles_errors
 from dataset_fsc147 import FSC147Dataset, write_synthetic_fsc147
 from evaluate_counting import parse_thresholds
 from synthetic_fsc147 import SynthConfig, validate_synth
@@ -102,6 +103,14 @@ class BenchConfig:
     beyond_objects: str = arg("", "MIN,MAX: also count a second test set with this many objects per image, beyond the "
                               "training range (its own rows, test_set 'beyond'; empty: none)")
     beyond_size_scale: float = arg(1.0, "object size x this in the beyond-the-training-range test set")
+    large_objects: str = arg("", "MIN,MAX: also count a test set at FSC-147's scale ('large'), e.g. 100,400 objects "
+                             "per image on --large_image_size images, counted with --large_tiles (empty: none)")
+    large_image_size: str = arg("448,768", "MIN,MAX: the large test set's image heights (widths up to 1.25 x MAX)")
+    large_tiles: str = arg("auto", "comma-separated tile modes for the large test set, one row each: N (N x N "
+                           "crops) or auto (from the model's own size estimate); the other test sets use 1")
+    large_points_per_step: str = arg("auto", "comma-separated --points_per_step modes for the large test set (one "
+                                     "point per forward costs hundreds of forwards per image there)")
+    large_images: int = arg(50, "test images of the large set")
     # tiny model
     vision_width: int = arg(128, "tiny vision encoder width (multiple of 64)")
     vision_depth: int = arg(2, "tiny vision encoder blocks")
@@ -172,6 +181,18 @@ def validate(cfg: BenchConfig) -> list[str]:
     except ValueError:
         errors.append(f"--points_per_step must list positive numbers or auto, got {cfg.points_per_step!r}; "
                       f"--beyond_objects must be MIN,MAX, got {cfg.beyond_objects!r}")
+    if cfg.large_objects:
+        try:
+            (low, high), (small, big) = parse_range(cfg.large_objects), parse_range(cfg.large_image_size)
+            errors += [] if 1 <= low <= high and 64 <= small <= big else [
+                "--large_objects needs 1 <= MIN <= MAX and --large_image_size 64 <= MIN <= MAX"]
+            [parse_points_per_step(m) for m in parse_variants(cfg.large_points_per_step)]
+        except ValueError:
+            errors.append(f"--large_objects and --large_image_size must be MIN,MAX and --large_points_per_step "
+                          f"numbers or auto, got {cfg.large_objects!r}, {cfg.large_image_size!r}, "
+                          f"{cfg.large_points_per_step!r}")
+        errors += [e for m in parse_variants(cfg.large_tiles) for e in tiles_errors(m)]
+        errors += [] if cfg.large_images >= 1 else ["--large_images must be >= 1"]
     if not 0 <= cfg.mark_jitter <= 1:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     if cfg.steps < 1:
@@ -237,9 +258,14 @@ def run_name(variant: str, backbone: str, finetune: str) -> str:
     return f"{variant}_{backbone}_{finetune}"
 
 
-def beyond_range(cfg) -> tuple[int, int]:
-    low, high = (int(v) for v in cfg.beyond_objects.split(","))
+def parse_range(text: str) -> tuple[int, int]:
+    """'MIN,MAX' -> (MIN, MAX); ValueError otherwise."""
+    low, high = (int(v) for v in text.split(","))
     return low, high
+
+
+def beyond_range(cfg) -> tuple[int, int]:
+    return parse_range(cfg.beyond_objects)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -279,6 +305,18 @@ def build_beyond_data(cfg: BenchConfig) -> str | None:
     n_test = cfg.test_images or round(0.2 * cfg.num_images)
     synth = dataclasses.replace(synth_config(cfg), out=os.path.join(cfg.output_dir, "beyond"), min_objects=low,
                                 max_objects=high, size_scale=cfg.beyond_size_scale, num_images=5 * n_test)
+    return _reuse_or_build(synth.out, asdict(synth), lambda: write_synthetic_fsc147(synth))
+
+
+def build_large_data(cfg: BenchConfig) -> str | None:
+    """The test set at FSC-147's scale under OUTPUT_DIR/large: --large_objects objects per image on images
+    --large_image_size pixels high; its test split has --large_images images."""
+    if not cfg.large_objects:
+        return None
+    (low, high), (small, big) = parse_range(cfg.large_objects), parse_range(cfg.large_image_size)
+    synth = dataclasses.replace(synth_config(cfg), out=os.path.join(cfg.output_dir, "large"), min_objects=low,
+                                max_objects=high, image_height=small, max_height=big, min_width=small,
+                                max_width=round(1.25 * big), num_images=5 * cfg.large_images)
     return _reuse_or_build(synth.out, asdict(synth), lambda: write_synthetic_fsc147(synth))
 
 
@@ -364,14 +402,22 @@ def run_mean_baseline(cfg: BenchConfig, data_root: str, tests: dict[str, FSC147D
     return rows
 
 
-def results_file(test_set: str, protocol: str, mode: str) -> str:
-    return f"{test_set}_results_{protocol}" + ("" if mode == "1" else f"_pps-{mode}") + ".json"
+def results_file(test_set: str, protocol: str, mode: str, tiles: str = "1") -> str:
+    return (f"{test_set}_results_{protocol}" + ("" if mode == "1" else f"_pps-{mode}")
+            + ("" if tiles == "1" else f"_tiles-{tiles}") + ".json")
+
+
+def counting_modes(cfg: BenchConfig, test_set: str) -> list[tuple[str, str]]:
+    """(points_per_step, tiles) modes a test set is counted with: the large set its own, the others untiled."""
+    if test_set == "large":
+        return [(m, t) for m in parse_variants(cfg.large_points_per_step) for t in parse_variants(cfg.large_tiles)]
+    return [(m, "1") for m in parse_variants(cfg.points_per_step)]
 
 
 def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: str, data_root: str,
                tests: dict[str, FSC147Dataset]) -> list[dict]:
-    """Count the test images with a trained checkpoint: one result row per --protocol, --points_per_step mode
-    and test set. The done threshold is chosen on val under each protocol, one point per step, and kept
+    """Count the test images with a trained checkpoint: one result row per --protocol, test set and counting mode
+    (`counting_modes`: --points_per_step, and for the large set its own modes and tiles). The done threshold is chosen on val under each protocol, one point per step, and kept
     for every mode, so the modes differ only in how many points a forward commits."""
     from evaluate_counting import count_dataset
     from model_loading import load_checkpoint
@@ -384,30 +430,32 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
     states = evaluate(tcfg, model, fixed_val_batches(dataclasses.replace(tcfg, eval_states=64), val))
     rows = []
     for protocol in parse_variants(cfg.protocol):
-        def count(ds, t, mode, bar):
-            settings = CountSettings(8, t, cfg.max_count, protocol, parse_points_per_step(mode))
+        def count(ds, t, mode, bar, tiles="1", max_count=cfg.max_count):
+            settings = CountSettings(8, t, max_count, protocol, parse_points_per_step(mode), tiles=parse_tiles(tiles))
             return count_dataset(model, ds, settings, max_images=cfg.test_images, progress=bar)
 
         threshold, val_maes = cfg.done_threshold, {}
         if cfg.tune_threshold:  # calibrated on val, never on test
             val_maes = {t: count(val, t, "1", False)[1]["mae"] for t in parse_thresholds(cfg.tune_threshold)}
             threshold = min(val_maes, key=val_maes.get)
-        for mode in parse_variants(cfg.points_per_step):
-            for test_set, test in tests.items():
-                records, counting, _, _ = count(test, threshold, mode, True)
-                name = results_file(test_set, protocol, mode)
+        for test_set, test in tests.items():
+            # The large set's counts go past the training range's --max_count.
+            cap = max(cfg.max_count, 2 * parse_range(cfg.large_objects)[1]) if test_set == "large" else cfg.max_count
+            for mode, tiles in counting_modes(cfg, test_set):
+                records, counting, _, _ = count(test, threshold, mode, True, tiles, cap)
+                name = results_file(test_set, protocol, mode, tiles)
                 write_json_atomic(os.path.join(tcfg.output_dir, name), {"summary": counting, "images": records})
                 pred = np.array([r["pred_count"] for r in records])
                 gt = np.array([r["gt_count"] for r in records])
                 rows.append({
-                    "variant": variant, "status": "ok", "protocol": protocol, "points_per_step": mode,
+                    "variant": variant, "status": "ok", "protocol": protocol, "points_per_step": mode, "tiles": tiles,
                     "test_set": test_set, "model_type": tcfg.model_type, "attention_modules": tcfg.attention_modules
                     if tcfg.model_type == "attention" else "", "target_strategy": tcfg.target_strategy,
                     "pointing": tcfg.pointing, "prompt_position": tcfg.prompt_position,
                     "class_binding": tcfg.class_binding, "checkpoint": checkpoint, "results_file": name,
                     "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
                     **{k: counting[k] for k in ("mae", "rmse", "nae", "within_1", "mean_gt", "forwards_per_image",
-                                                "precision", "recall", "f1", "n_capped", "n_stopped_on_duplicates",
+                                                "mean_tiles", "precision", "recall", "f1", "n_capped", "n_stopped_on_duplicates",
                                                 "n_images", "says_total", "n_with_distractors", "object_size_rel_err")
                        if counting.get(k) is not None},
                     "val_states_done_acc": states["val/done_acc"], "val_states_xy_abs_err": states["val/xy_abs_err"],
@@ -525,7 +573,7 @@ def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> Non
 def markdown_table(results: list[dict]) -> str:
     cols = [("variant", "variant", "{}"), ("backbone", "backbone", "{}"), ("finetune", "finetune", "{}"),
             ("protocol", "protocol", "{}"), ("points_per_step", "points/step", "{}"),
-            ("test_set", "test set", "{}"), ("steps", "steps", "{}"), ("train_minutes", "train min", "{:.1f}"),
+            ("tiles", "tiles", "{}"), ("test_set", "test set", "{}"), ("steps", "steps", "{}"), ("train_minutes", "train min", "{:.1f}"),
             ("exact_acc", "exact acc", "{:.3f}"), ("mae", "MAE", "{:.3f}"), ("rmse", "RMSE", "{:.3f}"),
             ("nae", "NAE", "{:.3f}"), ("within_1", "within 1", "{:.3f}"), ("mean_gt", "mean gt", "{:.1f}"),
             ("forwards_per_image", "forwards/img", "{:.1f}"), ("bias", "mean pred - gt", "{:+.2f}"),
@@ -555,6 +603,8 @@ def main(argv=None) -> int:
         tests = {"test": FSC147Dataset(data_root, "test")}
         if beyond:
             tests["beyond"] = FSC147Dataset(beyond, "test")
+        if cfg.large_objects:
+            tests["large"] = FSC147Dataset(build_large_data(cfg), "test")
         variants = parse_variants(cfg.variants)
         results = run_mean_baseline(cfg, data_root, tests) if "mean" in variants else []
         for backbone in parse_variants(cfg.backbone):  # every (backbone, finetune, variant): the same data and budget

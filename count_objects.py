@@ -12,6 +12,11 @@ the model, stop if sigmoid(done) > --done_threshold, else add the predicted (x, 
                        text-prompt counting literature.
   --protocol exemplar  boxes around a few of the objects (--exemplar_boxes, as FSC-147 gives three per
                        image), or a radius in pixels (--mark_radius).
+Dense images (objects much smaller than an image token): --tiles N counts on N x N overlapping crops, each
+resized to the whole image's pixel count, and merges their points (tiles.py); --tiles auto chooses N per image
+from the model's own size estimate at a first forward.
+    python count_objects.py --checkpoint RUN/checkpoint-best --image crowd.jpg --class_name "people" --tiles auto
+
 Prints the count and writes OUT_DIR/<image>_counted.png (numbered marks) and OUT_DIR/<image>_points.json
 (points in pixels of the original image).
 """
@@ -21,15 +26,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cli import UsageError, arg, parse_config
 from dataset_fsc147 import (MARK_TO_OBJECT, clip_points, denormalize_points, draw_marks, load_rgb, mark_radius,
                             normalize_points, radius_for_size)
 from model_loading import device_of, load_checkpoint
+from tiles import merge_tile_points, parse_tiles, tile_grid, tiles_errors, tiles_for_object_size
 
 
 MAX_COUNT = 4000  # default cap on points per image: above FSC-147's densest image (3,731 objects)
@@ -46,6 +54,7 @@ class CountSettings:
     protocol: str = "text"  # text (marks sized by the model's estimate) or exemplar (by the given radii)
     points_per_step: int = 1  # points committed per forward (0: every confident, well-separated one)
     duplicate_guard: bool = True  # points on counted objects are not counted; the loop re-chooses or stops
+    tiles: int = 1  # N x N overlapping crops per image, each at the whole image's resolution (0: auto, tiles.py)
 
 
 def parse_points_per_step(text: str) -> int:
@@ -80,6 +89,8 @@ class CountResult:
     mark_radius: int = 0  # the radius its marks were drawn with, in pixels
     object_size: float | None = None  # text-only protocol: the model's estimate of the objects' size, in pixels
     stopped_on_duplicates: bool = False  # the guard stopped it: the model pointed only at counted objects
+    tiles: int = 1  # the grid side it was counted on (1: the whole image; steps then include the tiling forward)
+    n_seam_duplicates: int = 0  # points dropped when merging the tiles: one object found from two crops
 
     @property
     def count(self) -> int:
@@ -256,13 +267,96 @@ def count_objects(model, images, class_names, batch_size: int = 8, done_threshol
     return results
 
 
+@torch.no_grad()
+def first_look(model, images, class_names, batch_size: int, mark_radii=None) -> list[tuple[float, float]]:
+    """One forward per image, no marks: (the objects' size, an image token's side), both in pixels of the image.
+    The size is the model's own estimate, or with `mark_radii` (exemplar protocol) the one the radius is drawn for.
+    Tiling decides from these alone: no ground truth."""
+    model.eval()
+    device = device_of(model)
+    found = []
+    for start in range(0, len(images), batch_size):
+        batch, names = images[start:start + batch_size], class_names[start:start + batch_size]
+        out = model({k: v.to(device) for k, v in model.build_inputs(batch, names).items()}, counted=[np.zeros((0, 2))]
+                    * len(batch))
+        if "cell" not in out:
+            raise ValueError("tiles need a token-pointing model (its token grid sizes the crops): count with tiles 1")
+        out = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in out.items()}
+        for row, image in enumerate(batch):
+            width, height = image.size
+            cell = out["cell"][row].float()
+            token_px = float((cell[0] / 2 * width + cell[1] / 2 * height) / 2)
+            radius = None if mark_radii is None else mark_radii[start + row]
+            size = (estimated_object_size(out, row, width, height) if not radius else radius / MARK_TO_OBJECT)
+            found.append((size, token_px))
+    return found
+
+
+def crop_for_tile(image, crop: tuple[int, int, int, int]) -> tuple[object, float, float]:
+    """The crop resized to the whole image's pixel count (so the processor gives it as many tokens as the whole
+    image: its objects grow), and its x and y scales (resized pixels per image pixel)."""
+    width, height = image.size
+    x0, y0, x1, y1 = crop
+    scale = math.sqrt(width * height / ((x1 - x0) * (y1 - y0)))
+    size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+    return image.crop(crop).resize(size, Image.BICUBIC), size[0] / (x1 - x0), size[1] / (y1 - y0)
+
+
+def count_images(model, images, class_names, settings: CountSettings, mark_radii=None, progress=None) -> list[CountResult]:
+    """`count_objects` with `settings`, on the whole images (tiles 1) or on overlapping crops (tiles N: N x N
+    each; 0: auto, the grid chosen per image from `first_look`), the crops' points merged (tiles.py).
+
+    Tiled, an image costs one `first_look` forward plus its crops' forwards (`steps`); every crop of every
+    image is counted in one pass of the loop, so batches stay full."""
+    loop = {k: v for k, v in asdict(settings).items() if k != "tiles"}
+    if settings.tiles == 1:
+        return count_objects(model, images, class_names, progress=progress, mark_radii=mark_radii, **loop)
+    text = settings.protocol == "text"
+    if not text:  # exemplar: every image's radius (the rule without boxes where none is given), as count_objects does
+        given = mark_radii if mark_radii is not None else [None] * len(images)
+        mark_radii = [r or mark_radius(*im.size) for im, r in zip(images, given)]
+    looks = first_look(model, images, class_names, settings.batch_size, mark_radii)
+    plans, crops, names, radii = [], [], [], []
+    for i, (image, (size, token_px)) in enumerate(zip(images, looks)):
+        n = settings.tiles or tiles_for_object_size(size / token_px)
+        tiles = tile_grid(*image.size, n, overlap=size)  # an object whose centre is in a core is whole in its crop
+        scales = []
+        for tile in tiles:
+            crop, sx, sy = crop_for_tile(image, tile.crop) if n > 1 else (image, 1.0, 1.0)
+            crops.append(crop)
+            names.append(class_names[i])
+            radii.append(None if text else max(1, round(mark_radii[i] * (sx + sy) / 2)))
+            scales.append((sx, sy))
+        plans.append((tiles, scales, size))
+    if progress is not None:
+        progress.total = len(crops)  # the bar counts crops
+        progress.refresh()
+    results = iter(count_objects(model, crops, names, progress=progress,
+                                 mark_radii=None if text else radii, **loop))
+    merged = []
+    for i, (image, (tiles, scales, size)) in enumerate(zip(images, plans)):
+        parts = [next(results) for _ in tiles]
+        found = [np.asarray(t.crop[:2], dtype=np.float32) + r.points / np.array(s, dtype=np.float32)
+                 for t, s, r in zip(tiles, scales, parts)]  # crop pixels -> the image's pixels
+        points, seam = merge_tile_points(tiles, found, *image.size, distance=size / 2)
+        merged.append(CountResult(
+            points=points[:settings.max_count], steps=1 + sum(r.steps for r in parts),
+            capped=any(r.capped for r in parts) or len(points) >= settings.max_count,
+            n_outside=sum(r.n_outside for r in parts), n_duplicate=sum(r.n_duplicate for r in parts),
+            done_probs=[p for r in parts for p in r.done_probs],
+            mark_radius=radius_for_size(size) if text else int(mark_radii[i]), object_size=size if text else None,
+            stopped_on_duplicates=any(r.stopped_on_duplicates for r in parts),
+            tiles=math.isqrt(len(tiles)), n_seam_duplicates=seam))
+    return merged
+
+
 def points_json(result: CountResult, image_path: str, class_name: str) -> dict:
     """The JSON written next to the counted image."""
     return {"image": image_path, "class_name": class_name, "count": result.count,
             "points": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points],
             "steps": result.steps, "capped": result.capped, "n_outside": result.n_outside,
             "n_duplicate": result.n_duplicate, "stopped_on_duplicates": result.stopped_on_duplicates,
-            "mark_radius": result.mark_radius,
+            "tiles": result.tiles, "n_seam_duplicates": result.n_seam_duplicates, "mark_radius": result.mark_radius,
             "object_size": None if result.object_size is None else round(result.object_size, 2)}
 
 
@@ -302,6 +396,11 @@ def main(argv=None) -> int:
                                "both)")
         done_threshold: float = arg(0.5, "stop when sigmoid(done) exceeds this")
         max_count: int = arg(MAX_COUNT, "stop after this many points")
+        tiles: str = arg("1", "N: count on N x N overlapping crops, each at the whole image's resolution, points "
+                         "merged so an object on a seam counts once (for objects much smaller than an image token); "
+                         "auto: the grid from the model's own estimate of the objects' size at a first forward")
+        points_per_step: str = arg("1", "points committed per forward: 1, N, or auto (every confident, well-separated "
+                                   "point)")
         device: str = arg("auto", "auto, cpu or cuda")
         model_name_or_path: str = arg("", "the base model's folder or hub id (default: the path saved in the "
                                       "checkpoint's config.json; give it when the weights moved)")
@@ -323,6 +422,7 @@ def main(argv=None) -> int:
             errors.append("--protocol exemplar needs --exemplar_boxes or --mark_radius")
         elif cfg.exemplar_boxes and cfg.mark_radius:
             errors.append("--exemplar_boxes and --mark_radius both set the marks' size: give one of them")
+        errors += tiles_errors(cfg.tiles) + points_per_step_errors(cfg.points_per_step)
         try:
             parse_boxes(cfg.exemplar_boxes)
         except ValueError as e:
@@ -344,8 +444,10 @@ def main(argv=None) -> int:
     radii = None
     if cfg.protocol == "exemplar":
         radii = [cfg.mark_radius or mark_radius(*image.size, parse_boxes(cfg.exemplar_boxes))]
-    result = count_objects(model, [image], [cfg.class_name], batch_size=1, done_threshold=cfg.done_threshold,
-                           max_count=cfg.max_count, mark_radii=radii, protocol=cfg.protocol)[0]
+    settings = CountSettings(batch_size=1, done_threshold=cfg.done_threshold, max_count=cfg.max_count,
+                             protocol=cfg.protocol, points_per_step=parse_points_per_step(cfg.points_per_step),
+                             tiles=parse_tiles(cfg.tiles))
+    result = count_images(model, [image], [cfg.class_name], settings, mark_radii=radii)[0]
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(cfg.image))[0]
     png = os.path.join(cfg.out_dir, f"{stem}_counted.png")
@@ -353,7 +455,8 @@ def main(argv=None) -> int:
     draw_marks(image, result.points, radius=result.mark_radius).save(png)
     with open(js, "w", encoding="utf-8") as f:
         json.dump(points_json(result, cfg.image, cfg.class_name), f, indent=2)
-    flags = (" (stopped at --max_count)" if result.capped else "") + (
+    flags = (f" (on {result.tiles} x {result.tiles} tiles, {result.steps} forwards)" if result.tiles > 1 else "") + (
+        " (stopped at --max_count)" if result.capped else "") + (
         f", {result.n_outside} outside the image" if result.n_outside else "") + (
         f", {result.n_duplicate} on top of earlier points" if result.n_duplicate else "")
     print(f"{cfg.class_name}: {result.count}{flags}")

@@ -6,6 +6,8 @@
     python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root /path/FSC147 --split test --protocol exemplar
     python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root /path/FSC147 --split test \
         --tune_threshold 0.3,0.5,0.7,0.9      # the done threshold chosen on val, then test counted with it
+    python evaluate_counting.py --checkpoint RUN/checkpoint-best --data_root /path/FSC147 --split test \
+        --points_per_step auto --tiles auto   # dense images: several points per forward, crops where objects are tiny
 
 Protocols (`summary.protocol` in results.json), i.e. what the counter is given at test time:
   text      (default) the image and the class name only: marks are sized from the model's own estimate of
@@ -37,9 +39,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from count_objects import (MAX_COUNT, PROTOCOLS, CountResult, CountSettings, base_override, count_objects,
-                           parse_points_per_step,
-                           points_per_step_errors)
+from count_objects import (MAX_COUNT, PROTOCOLS, CountResult, CountSettings, base_override, count_images,
+                           parse_points_per_step, points_per_step_errors)
+from tiles import parse_tiles, tiles_errors
 from cli import UsageError, arg, parse_config, write_json_atomic
 from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size
 from model_loading import load_checkpoint
@@ -62,6 +64,10 @@ class EvalConfig:
                                "results.json says what it cost")
     duplicate_guard: bool = arg(True, "a point within half an object size of a counted one is not counted: the loop takes "
                                 "the model's next candidate or stops the image (stopped_on_duplicates)")
+    tiles: str = arg("1", "N: count each image on N x N overlapping crops at the whole image's resolution, points "
+                     "merged so an object on a seam counts once (images denser than one encoding resolves); auto: N "
+                     "per image from the model's own size estimate at a first forward (never the ground truth); "
+                     "results.json records tiles and forwards_per_image per image")
     tune_threshold: str = arg("", "comma-separated done thresholds, e.g. 0.3,0.5,0.7,0.9: each is tried on "
                               "--tune_split, and --split is counted at the one with the lowest MAE there (results.json "
                               "records both); empty: --done_threshold")
@@ -85,7 +91,7 @@ def validate_eval_config(cfg: EvalConfig) -> list[str]:
         errors.append("--done_threshold must be in (0, 1)")
     if cfg.protocol not in PROTOCOLS:
         errors.append(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
-    errors += points_per_step_errors(cfg.points_per_step)
+    errors += points_per_step_errors(cfg.points_per_step) + tiles_errors(cfg.tiles)
     if cfg.max_images < 0 or cfg.save_overlays < 0 or cfg.match_radius < 0 or cfg.tune_images < 0:
         errors.append("--max_images, --save_overlays, --match_radius and --tune_images must be >= 0")
     try:
@@ -205,7 +211,8 @@ def image_record(sample, result: CountResult, radius: float) -> dict:
         "pred_count": result.count,
         "all_count": None if sample.all_points is None else int(len(sample.all_points)),
         "points": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points],
-        "steps": result.steps, "capped": result.capped, "n_outside": result.n_outside,
+        "steps": result.steps, "forwards_per_image": result.steps, "tiles": result.tiles,
+        "n_seam_duplicates": result.n_seam_duplicates, "capped": result.capped, "n_outside": result.n_outside,
         "n_duplicate": result.n_duplicate, "stopped_on_duplicates": result.stopped_on_duplicates,
         "match_radius": round(radius, 2),
         "n_matched": match_points(result.points, sample.points, radius),
@@ -260,8 +267,8 @@ def count_dataset(model, dataset, settings: CountSettings, max_images: int = 0, 
     bar = tqdm(total=len(samples), desc="counting", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     radii = [mark_radius(*s.image.size, s.boxes) for s in samples] if settings.protocol == "exemplar" else None
-    results = count_objects(model, [s.image for s in samples], [s.class_name for s in samples], progress=bar,
-                            mark_radii=radii, **asdict(settings))
+    results = count_images(model, [s.image for s in samples], [s.class_name for s in samples], settings,
+                           mark_radii=radii, progress=bar)
     elapsed = time.perf_counter() - start
     bar.close()
     records = [image_record(s, r, match_radius or default_radius(s.boxes, *s.image.size))
@@ -272,6 +279,7 @@ def count_dataset(model, dataset, settings: CountSettings, max_images: int = 0, 
     listed = len(asked) if indices is not None else dataset.num_listed
     unusable = dataset.num_skipped if indices is None and not subset else 0  # rejected when the split was read
     summary = {"protocol": settings.protocol, "points_per_step": settings.points_per_step or "auto",
+               "tiles": settings.tiles or "auto", "mean_tiles": float(np.mean([r["tiles"] for r in records])),
                **summarize(records, elapsed), "n_skipped": skipped + unusable, "n_asked": len(asked),
                "n_listed": listed, "subset": subset, "complete": len(records) == listed and not subset}
     return records, summary, samples, results
@@ -299,6 +307,7 @@ def print_summary(summary: dict, split: str) -> None:
             ("recall", f"{summary['recall']:.3f}"), ("F1", f"{summary['f1']:.3f}"),
             ("capped", f"{summary['n_capped']}"), ("stopped on duplicates", f"{summary['n_stopped_on_duplicates']}"),
             ("within 1", f"{summary['within_1']:.3f}"), ("forwards per image", f"{summary['forwards_per_image']:.2f}"),
+            ("tiles", f"{summary['tiles']} (mean grid {summary['mean_tiles']:.2f})"),
             ("skipped", f"{summary['n_skipped']}"), ("counted / listed", f"{summary['n_images']} / {summary['n_listed']}"),
             ("images/s", f"{summary['images_per_s']:.2f}")]
     if summary.get("says_total") is not None:
@@ -336,7 +345,7 @@ def main(argv=None) -> int:
         dataset = FSC147Dataset(cfg.data_root, cfg.split)
         model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
         settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol,
-                                 parse_points_per_step(cfg.points_per_step), cfg.duplicate_guard)
+                                 parse_points_per_step(cfg.points_per_step), cfg.duplicate_guard, parse_tiles(cfg.tiles))
         tuning = {}
         if cfg.tune_threshold:  # chosen on another split before a single image of this one is read
             threshold, tuning = choose_threshold(cfg, model, settings)

@@ -7,6 +7,7 @@ import pytest
 
 import bench_learning
 import bench_speed
+from dataset_fsc147 import FSC147Dataset
 
 
 def test_bench_learning_writes_table_json_and_plot(tmp_path, capsys):
@@ -25,7 +26,7 @@ def test_bench_learning_writes_table_json_and_plot(tmp_path, capsys):
     # the mean baseline is the training split's mean count, scored on the same test images
     assert rows["simple"]["n_images"] == rows["mean"]["n_images"] == 3
     table = open(out / "results.md").read()
-    assert "| attention-nearest | random | lora4bit | text | 1 | test | 4 |" in table and "| mean | - | - | - | - | test |" in table
+    assert "| attention-nearest | random | lora4bit | text | 1 | 1 | test | 4 |" in table and "| mean | - | - | - | - | - | test |" in table
     assert os.path.getsize(out / "learning.png") > 1000
     # data and model are reused when the settings match
     stamp = os.path.getmtime(out / "data" / "bench_settings.json")
@@ -70,13 +71,21 @@ def test_bench_learning_counts_each_mode_and_a_set_beyond_the_training_range(tmp
     assert bench_learning.main(["--output_dir", str(out), "--variants", "mean,simple-token", "--points_per_step", "1,auto",
                                 "--beyond_objects", "7,9", "--min_objects", "2", "--max_objects", "5", "--steps", "2",
                                 "--num_images", "25", "--eval_every", "0", "--eval_images", "2", "--test_images", "3",
-                                "--max_count", "12", "--warmup_steps", "1"]) == 0
+                                "--max_count", "12", "--warmup_steps", "1", "--large_objects", "12,20",
+                                "--large_image_size", "96,128", "--large_tiles", "1,2", "--large_images", "2"]) == 0
     rows = json.load(open(out / "results.json"))["results"]
-    assert [(r["variant"], r.get("points_per_step"), r["test_set"]) for r in rows] == [
-        ("mean", None, "test"), ("mean", None, "beyond"), ("simple-token", "1", "test"), ("simple-token", "1", "beyond"),
-        ("simple-token", "auto", "test"), ("simple-token", "auto", "beyond")]
+    assert [(r["variant"], r.get("points_per_step"), r.get("tiles"), r["test_set"]) for r in rows] == [
+        ("mean", None, None, "test"), ("mean", None, None, "beyond"), ("mean", None, None, "large"),
+        ("simple-token", "1", "1", "test"), ("simple-token", "auto", "1", "test"),
+        ("simple-token", "1", "1", "beyond"), ("simple-token", "auto", "1", "beyond"),
+        ("simple-token", "auto", "1", "large"), ("simple-token", "auto", "2", "large")]
     beyond = json.load(open(out / "simple-token_random_lora4bit" / "beyond_results_text_pps-auto.json"))
     assert {i["gt_count"] for i in beyond["images"]} <= {7, 8, 9} and beyond["summary"]["points_per_step"] == "auto"
+    large = json.load(open(out / "simple-token_random_lora4bit" / "large_results_text_pps-auto_tiles-2.json"))
+    assert len(large["images"]) == 2 and all(12 <= i["gt_count"] <= 20 and i["tiles"] == 2 for i in large["images"])
+    assert all(i["forwards_per_image"] >= 5 for i in large["images"])  # a first look and 4 crops
+    heights = [FSC147Dataset(str(out / "large"), "test")[k].image.height for k in range(2)]
+    assert all(96 <= h <= 128 for h in heights)
     for r in rows:
         assert {"nae", "within_1", "mean_gt"} <= set(r)
         assert r["variant"] == "mean" or r["forwards_per_image"] >= 1
