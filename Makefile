@@ -32,8 +32,10 @@ clean-demo:
 	rm -rf demo runs/demo
 
 # The pretrained stand-in for Qwen2-VL-2B (pretrain_tiny.py): the tiny Qwen2-VL taught which class is where, the
-# class names and reading numbered marks, never counting; built once (~12 min on 2 cores), the same weights from the
-# same seed, rebuilt when its scripts change. The strict one never sees bench-unseen's held-out colour + shape pairs.
+# class names and reading numbered marks, never counting; built once (~9-11 min on 2 cores) from a fixed seed and
+# rebuilt when its scripts change. Bit-identical over a few steps (tests/test_pretrain.py); two 3,000-step builds
+# of one commit on this machine differed by up to 0.04 in held-out scores (RESULTS.md 1d). The strict one never
+# sees bench-unseen's held-out colour + shape pairs.
 PRETRAINED := models/tiny-pretrained
 PRETRAINED_STRICT := models/tiny-pretrained-strict
 PRETRAIN_SOURCES := pretrain_tiny.py tiny_qwen2vl.py synthetic_fsc147.py

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch

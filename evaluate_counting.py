@@ -219,6 +219,7 @@ def image_record(sample, result: CountResult, radius: float) -> dict:
         "mark_radius": result.mark_radius,
         "object_size": None if result.object_size is None else round(result.object_size, 2),
         "gt_object_size": round(object_size(sample.boxes, width, height), 2) if len(sample.boxes) else None,
+        "done_probs": [round(p, 4) for p in result.done_probs],  # sigmoid(done) at each forward: why it stopped
     }
 
 
