@@ -57,6 +57,8 @@ CLASS_PARTS = {name: (COLOUR_INDEX[colour], SHAPE_INDEX[shape]) for name, shape,
 MAX_MARK_LABEL = 60  # marks show numbers 1..60, drawn in no order
 PROMPT = "Find the {class_name}."
 EVAL_SEED_OFFSET = 100_003  # held-out scenes: another generator seed
+EVAL_DENSITIES = [3, 10, 10, 20, 40]  # the held-out scenes' densities, whatever --densities trains on (comparable)
+SPARSE_DENSITIES = [10]  # the benchmarks' scenes (1 to 10 objects of a class, about a token wide or more)
 
 
 @dataclass
@@ -72,7 +74,8 @@ class PretrainConfig:
     lr: float = arg(6e-4, "AdamW learning rate, every weight (full training of the tiny backbone and the heads)")
     warmup_steps: int = arg(100, "linear warmup steps, then cosine decay to 10%")
     image_size: int = arg(224, "scene height; widths in [size, 1.25 x size] (the benchmarks' images)")
-    max_objects: int = arg(40, "most objects of one class in a scene (0 to this; sparse scenes have larger objects)")
+    densities: str = arg("3,10,10,20,40", "per scene, the most objects of one class is drawn from this list (then 0 to "
+                         "that many; sparse scenes have larger objects, a 224 px scene of 40 has objects under a token)")
     distractors: int = arg(3, "other classes per scene: 0 to this many")
     mark_fraction: float = arg(0.6, "share of scenes with random numbered marks drawn on them")
     max_marks: int = arg(12, "most marks on a scene")
@@ -93,8 +96,13 @@ def validate(cfg: PretrainConfig) -> list[str]:
             errors.append(f"--{name} must be >= 1")
     if not 0 < cfg.lr < 1 or cfg.minutes <= 0 or cfg.warmup_steps < 0:
         errors.append("--lr must be in (0, 1), --minutes > 0 and --warmup_steps >= 0")
-    if cfg.image_size < 64 or not 0 <= cfg.mark_fraction <= 1 or cfg.max_objects < 1 or cfg.distractors < 0:
-        errors.append("need --image_size >= 64, --mark_fraction in [0, 1], --max_objects >= 1, --distractors >= 0")
+    if cfg.image_size < 64 or not 0 <= cfg.mark_fraction <= 1 or cfg.distractors < 0:
+        errors.append("need --image_size >= 64, --mark_fraction in [0, 1], --distractors >= 0")
+    try:
+        if not parse_densities(cfg.densities) or min(parse_densities(cfg.densities)) < 1:
+            errors.append(f"--densities must list numbers >= 1, got {cfg.densities!r}")
+    except ValueError:
+        errors.append(f"--densities must be comma-separated numbers, got {cfg.densities!r}")
     if cfg.max_marks > MAX_MARK_LABEL:
         errors.append(f"--max_marks must be <= {MAX_MARK_LABEL}")
     for name in ("vision_width", "text_width"):
@@ -133,10 +141,16 @@ class Example:
     mark_radius: int = 0
 
 
-def make_example(rng: np.random.Generator, cfg: PretrainConfig, classes: list[SynthClass]) -> Example:
-    """A fresh scene of 0 to many objects of up to 1 + --distractors classes, maybe marked, and its query."""
+def parse_densities(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def make_example(rng: np.random.Generator, cfg: PretrainConfig, classes: list[SynthClass],
+                 densities: list[int] | None = None) -> Example:
+    """A fresh scene of 0 to many objects of up to 1 + --distractors classes, maybe marked, and its query; the most
+    objects of a class drawn from `densities` (default --densities)."""
     named = classes[int(rng.integers(len(classes)))]
-    most = int(rng.choice([3, 10, 10, 20, cfg.max_objects]))  # mostly the benchmarks' densities
+    most = int(rng.choice(densities or parse_densities(cfg.densities)))
     synth = SynthConfig(min_objects=0, max_objects=most, image_height=cfg.image_size, min_width=cfg.image_size,
                         max_width=round(1.25 * cfg.image_size), background=str(rng.choice(["plain", "textured"])),
                         distractors=int(rng.integers(0, cfg.distractors + 1)), distractor_objects=max(1, most // 2),
@@ -272,13 +286,22 @@ class Scores:
 
 @torch.no_grad()
 def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
-    """Scores on --eval_images held-out scenes (another seed): per-token colour, shape and class (both right)
-    accuracy on object tokens, background kept as background, marks found (recall) and seen where none is (false
+    """Scores on --eval_images held-out scenes (another seed, the default densities whatever --densities trains on):
+    per-token colour, shape and class (both right) accuracy on object tokens (and shape and class on as many sparse
+    scenes, `sparse_`: at most 10 objects of a class, the benchmarks' sizes), background kept as background, marks found (recall) and seen where none is (false
     alarms), numbers read on mark tokens, the named class's tokens found, presence answered."""
     backbone.eval()
     rng = np.random.default_rng(cfg.seed + EVAL_SEED_OFFSET)
     scores = Scores()
-    examples = [make_example(rng, cfg, classes) for _ in range(cfg.eval_images)]
+    examples = [make_example(rng, cfg, classes, EVAL_DENSITIES) for _ in range(cfg.eval_images)]
+    sparse_rng = np.random.default_rng(cfg.seed + 2 * EVAL_SEED_OFFSET)
+    sparse = [make_example(sparse_rng, cfg, classes, SPARSE_DENSITIES) for _ in range(cfg.eval_images)]
+    for start in range(0, len(sparse), cfg.batch_size):  # class recognition where objects are the benchmarks' size
+        for out, tgt in forward(backbone, heads, processor, sparse[start:start + cfg.batch_size]):
+            colour, shape, obj = out["colour"].argmax(-1), out["shape"].argmax(-1), tgt["colour"] > 0
+            scores.add("sparse_token_shape_acc", (shape == tgt["shape"])[obj].sum(), obj.sum())
+            scores.add("sparse_token_class_acc", ((colour == tgt["colour"]) & (shape == tgt["shape"]))[obj].sum(),
+                       obj.sum())
     for start in range(0, len(examples), cfg.batch_size):
         for out, tgt in forward(backbone, heads, processor, examples[start:start + cfg.batch_size]):
             colour, shape, obj = out["colour"].argmax(-1), out["shape"].argmax(-1), tgt["colour"] > 0
@@ -356,7 +379,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        window.append({k: float(v) for k, v in terms.items()})
+        window.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
             curve.append({"step": step + 1, **mean})
