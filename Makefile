@@ -99,7 +99,7 @@ bench-distractors: $(STAMP) $(if $(findstring pretrained,$(PROMPT_BACKBONES)),$(
 
 # The same on classes never seen in counting training: colour + shape pairs of a 6 x 6 grid, the test pairs left out
 # of training while every colour and every shape is in it; on the pretrained stand-in (which was shown every pair
-# named, as Qwen2-VL-2B knows FSC-147's classes) and on the strict one (never shown the held-out pairs): ~35 min
+# named, as Qwen2-VL-2B knows FSC-147's classes) and on the strict one (never shown the held-out pairs): ~25 min
 # per backbone. UNSEEN_BACKBONES=pretrained runs the first only.
 UNSEEN_BACKBONES ?= pretrained,pretrained-strict
 bench-unseen: $(STAMP) $(if $(findstring pretrained,$(subst pretrained-strict,,$(UNSEEN_BACKBONES))),$(PRETRAINED)/pretrain.json) \
@@ -112,7 +112,7 @@ bench-unseen: $(STAMP) $(if $(findstring pretrained,$(subst pretrained-strict,,$
 # forward and every confident point per forward side by side, plus 61 to 80 objects (beyond the training
 # range) and a test set at FSC-147's scale (100 to 400 objects on 448 to 768 px images, objects a fraction of a
 # token) counted untiled and on tiles chosen from the model's own size estimate. On the pretrained stand-in
-# (DENSE_BACKBONES=random,pretrained adds the random row: ~2 x 30 min). 3,700 steps, the budget of the dense
+# (DENSE_BACKBONES=random,pretrained adds the random row; ~11 min per backbone on 2 cores). 3,700 steps, the budget of the dense
 # issue's measurement. The flags after $(BENCH_SETTINGS) override its values (the last occurrence wins).
 DENSE_BACKBONES ?= pretrained
 bench-dense: $(STAMP) $(if $(findstring pretrained,$(DENSE_BACKBONES)),$(PRETRAINED)/pretrain.json)
