@@ -89,8 +89,8 @@ PROMPT_SETTINGS := --protocol text,exemplar --negative_prompts 0.3 --mark_size_j
 
 # Named class plus objects of 1 or 2 other classes (1-6 each), seen classes, on the pretrained stand-in, in the
 # prompt issue's harder setting: the six benchmark classes share colours (no --distinct_colours), so only the shape
-# tells the named class from the others; 9,000 steps, at most 30 minutes of training (~35 min per backbone on 2
-# cores). PROMPT_BACKBONES=random,pretrained adds the random backbone's row (~70 min).
+# tells the named class from the others; 9,000 steps, at most 30 minutes of training (~25 min per backbone on 2
+# cores). PROMPT_BACKBONES=random,pretrained adds the random backbone's row.
 PROMPT_BACKBONES ?= pretrained
 bench-distractors: $(STAMP) $(if $(findstring pretrained,$(PROMPT_BACKBONES)),$(PRETRAINED)/pretrain.json)
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_distractors --steps 9000 --minutes 30 \
@@ -112,8 +112,8 @@ bench-unseen: $(STAMP) $(if $(findstring pretrained,$(subst pretrained-strict,,$
 # forward and every confident point per forward side by side, plus 61 to 80 objects (beyond the training
 # range) and a test set at FSC-147's scale (100 to 400 objects on 448 to 768 px images, objects a fraction of a
 # token) counted untiled and on tiles chosen from the model's own size estimate. On the pretrained stand-in
-# (DENSE_BACKBONES=random,pretrained adds the random row; ~11 min per backbone on 2 cores). 3,700 steps, the budget of the dense
-# issue's measurement. The flags after $(BENCH_SETTINGS) override its values (the last occurrence wins).
+# (DENSE_BACKBONES=random,pretrained adds the random row; ~11 min per backbone on 2 cores). 3,700 steps, the
+# budget of the dense issue's measurement. The flags after $(BENCH_SETTINGS) override its values (the last occurrence wins).
 DENSE_BACKBONES ?= pretrained
 bench-dense: $(STAMP) $(if $(findstring pretrained,$(DENSE_BACKBONES)),$(PRETRAINED)/pretrain.json)
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense --steps 3700 --minutes 40 \
