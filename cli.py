@@ -58,3 +58,16 @@ def write_json_atomic(path: str, data) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
     os.replace(tmp, path)
+
+
+def parse_positive_or_auto(text, flag: str) -> int:
+    """A flag that takes a positive number or "auto": the number, or 0 for auto; ValueError naming the flag."""
+    if str(text).strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{flag} must be a positive number or auto, got {text!r}")
+    return value

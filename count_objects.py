@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cli import UsageError, arg, parse_config
+from cli import UsageError, arg, parse_config, parse_positive_or_auto
 from dataset_fsc147 import (MARK_TO_OBJECT, clip_points, denormalize_points, draw_marks, load_rgb, mark_radius,
                             normalize_points, radius_for_size)
 from model_loading import device_of, load_checkpoint
@@ -59,12 +59,7 @@ class CountSettings:
 
 def parse_points_per_step(text: str) -> int:
     """--points_per_step: a positive number, or "auto" (0: every confident, well-separated point)."""
-    if str(text).strip().lower() == "auto":
-        return 0
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"--points_per_step must be a positive number or auto, got {text!r}")
-    return value
+    return parse_positive_or_auto(text, "--points_per_step")
 
 
 def points_per_step_errors(text: str) -> list[str]:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cli import parse_positive_or_auto
+
 AUTO_OBJECT_TOKENS = 1.0  # auto tiles until the objects are about this many tokens wide (training's objects: ~1)
 MAX_AUTO_TILES = 4  # auto's largest grid side (16 crops): the cost grows as its square
 
@@ -40,12 +42,7 @@ class Tile:
 
 def parse_tiles(text) -> int:
     """--tiles: a grid side N >= 1 (N x N crops), or "auto" (0)."""
-    if str(text).strip().lower() == "auto":
-        return 0
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"--tiles must be a positive number or auto, got {text!r}")
-    return value
+    return parse_positive_or_auto(text, "--tiles")
 
 
 def tiles_errors(text) -> list[str]:
