@@ -557,7 +557,8 @@ def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> Non
         err = np.array([i["pred_count"] for i in images]) - gt
         bins = sorted(set((gt - 1) // 5))
         centres = [5 * b + 3 for b in bins]
-        label = f"{r['run_dir'].replace('_', ' ')} {r['protocol']} {r['points_per_step']}/step {r['test_set']}"
+        label = (f"{r['run_dir'].replace('_', ' ')} {r['protocol']} {r['points_per_step']}/step {r['test_set']}"
+                 + (f" tiles {r['tiles']}" if r.get('tiles', '1') != '1' else ''))
         axes[0].plot(centres, [np.abs(err[(gt - 1) // 5 == b]).mean() for b in bins], marker="o", label=label)
         axes[1].plot(centres, [err[(gt - 1) // 5 == b].mean() for b in bins], marker="o", label=label)
     for ax, title in zip(axes, ("mean |pred - gt| by true count", "mean pred - gt by true count")):
