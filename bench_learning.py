@@ -417,8 +417,9 @@ def counting_modes(cfg: BenchConfig, test_set: str) -> list[tuple[str, str]]:
 def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: str, data_root: str,
                tests: dict[str, FSC147Dataset]) -> list[dict]:
     """Count the test images with a trained checkpoint: one result row per --protocol, test set and counting mode
-    (`counting_modes`: --points_per_step, and for the large set its own modes and tiles). The done threshold is chosen on val under each protocol, one point per step, and kept
-    for every mode, so the modes differ only in how many points a forward commits."""
+    (`counting_modes`: --points_per_step, and for the large set its own modes and tiles). The done threshold is
+    chosen on val under each protocol, one point per step, and kept for every mode, so the modes differ only in
+    how they count (points per forward, tiles)."""
     from evaluate_counting import count_dataset
     from model_loading import load_checkpoint
     from train_sequential_attention import evaluate, fixed_val_batches
@@ -455,7 +456,8 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
                     "class_binding": tcfg.class_binding, "checkpoint": checkpoint, "results_file": name,
                     "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
                     **{k: counting[k] for k in ("mae", "rmse", "nae", "within_1", "mean_gt", "forwards_per_image",
-                                                "mean_tiles", "precision", "recall", "f1", "n_capped", "n_stopped_on_duplicates",
+                                                "mean_tiles", "precision", "recall", "f1", "n_capped",
+                                                "n_stopped_on_duplicates",
                                                 "n_images", "says_total", "n_with_distractors", "object_size_rel_err")
                        if counting.get(k) is not None},
                     "val_states_done_acc": states["val/done_acc"], "val_states_xy_abs_err": states["val/xy_abs_err"],
@@ -574,7 +576,8 @@ def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> Non
 def markdown_table(results: list[dict]) -> str:
     cols = [("variant", "variant", "{}"), ("backbone", "backbone", "{}"), ("finetune", "finetune", "{}"),
             ("protocol", "protocol", "{}"), ("points_per_step", "points/step", "{}"),
-            ("tiles", "tiles", "{}"), ("test_set", "test set", "{}"), ("steps", "steps", "{}"), ("train_minutes", "train min", "{:.1f}"),
+            ("tiles", "tiles", "{}"), ("test_set", "test set", "{}"), ("steps", "steps", "{}"),
+            ("train_minutes", "train min", "{:.1f}"),
             ("exact_acc", "exact acc", "{:.3f}"), ("mae", "MAE", "{:.3f}"), ("rmse", "RMSE", "{:.3f}"),
             ("nae", "NAE", "{:.3f}"), ("within_1", "within 1", "{:.3f}"), ("mean_gt", "mean gt", "{:.1f}"),
             ("forwards_per_image", "forwards/img", "{:.1f}"), ("bias", "mean pred - gt", "{:+.2f}"),

@@ -140,9 +140,14 @@ def estimated_object_size(outputs: dict, row: int, width: int, height: int) -> f
     if "log_size" not in outputs:
         raise ValueError("the model gives no object-size estimate, which the text-only protocol needs: count "
                          "with protocol 'exemplar' (exemplar boxes or a mark radius)")
+    return float(torch.exp(outputs["log_size"][row].float().cpu())) * token_side_px(outputs, row, width, height)
+
+
+def token_side_px(outputs: dict, row: int, width: int, height: int) -> float:
+    """An image token's side in pixels of a (width x height) image, from `cell` (its size in normalised units,
+    2 per image side), averaged over x and y."""
     cell = outputs["cell"][row].float().cpu()
-    token_px = float((cell[0] / 2 * width + cell[1] / 2 * height) / 2)
-    return float(torch.exp(outputs["log_size"][row].float().cpu())) * token_px
+    return float((cell[0] / 2 * width + cell[1] / 2 * height) / 2)
 
 
 POINT_THRESHOLD = 0.5  # a token's "unmarked object here" probability that makes it a candidate point
@@ -279,11 +284,9 @@ def first_look(model, images, class_names, batch_size: int, mark_radii=None) -> 
         out = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in out.items()}
         for row, image in enumerate(batch):
             width, height = image.size
-            cell = out["cell"][row].float()
-            token_px = float((cell[0] / 2 * width + cell[1] / 2 * height) / 2)
             radius = None if mark_radii is None else mark_radii[start + row]
             size = (estimated_object_size(out, row, width, height) if not radius else radius / MARK_TO_OBJECT)
-            found.append((size, token_px))
+            found.append((size, token_side_px(out, row, width, height)))
     return found
 
 

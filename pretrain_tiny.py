@@ -284,12 +284,21 @@ class Scores:
             f"n_{name}": t for name, (_, t) in self.counts.items()}
 
 
+def add_class_scores(scores: Scores, out: dict, tgt: dict, prefix: str = "") -> None:
+    """Per-token shape and class (colour and shape both right) accuracy on the tokens that show an object."""
+    colour, shape, obj = out["colour"].argmax(-1), out["shape"].argmax(-1), tgt["colour"] > 0
+    right_shape = shape == tgt["shape"]
+    scores.add(f"{prefix}token_shape_acc", right_shape[obj].sum(), obj.sum())
+    scores.add(f"{prefix}token_class_acc", ((colour == tgt["colour"]) & right_shape)[obj].sum(), obj.sum())
+
+
 @torch.no_grad()
 def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
     """Scores on --eval_images held-out scenes (another seed, the default densities whatever --densities trains on):
     per-token colour, shape and class (both right) accuracy on object tokens (and shape and class on as many sparse
-    scenes, `sparse_`: at most 10 objects of a class, the benchmarks' sizes), background kept as background, marks found (recall) and seen where none is (false
-    alarms), numbers read on mark tokens, the named class's tokens found, presence answered."""
+    scenes, `sparse_`: at most 10 objects of a class, the benchmarks' sizes), background kept as background, marks
+    found (recall) and seen where none is (false alarms), numbers read on mark tokens, the named class's tokens
+    found, presence answered."""
     backbone.eval()
     rng = np.random.default_rng(cfg.seed + EVAL_SEED_OFFSET)
     scores = Scores()
@@ -298,17 +307,12 @@ def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
     sparse = [make_example(sparse_rng, cfg, classes, SPARSE_DENSITIES) for _ in range(cfg.eval_images)]
     for start in range(0, len(sparse), cfg.batch_size):  # class recognition where objects are the benchmarks' size
         for out, tgt in forward(backbone, heads, processor, sparse[start:start + cfg.batch_size]):
-            colour, shape, obj = out["colour"].argmax(-1), out["shape"].argmax(-1), tgt["colour"] > 0
-            scores.add("sparse_token_shape_acc", (shape == tgt["shape"])[obj].sum(), obj.sum())
-            scores.add("sparse_token_class_acc", ((colour == tgt["colour"]) & (shape == tgt["shape"]))[obj].sum(),
-                       obj.sum())
+            add_class_scores(scores, out, tgt, "sparse_")
     for start in range(0, len(examples), cfg.batch_size):
         for out, tgt in forward(backbone, heads, processor, examples[start:start + cfg.batch_size]):
             colour, shape, obj = out["colour"].argmax(-1), out["shape"].argmax(-1), tgt["colour"] > 0
-            right_colour, right_shape = colour == tgt["colour"], shape == tgt["shape"]
-            scores.add("token_colour_acc", right_colour[obj].sum(), obj.sum())
-            scores.add("token_shape_acc", right_shape[obj].sum(), obj.sum())
-            scores.add("token_class_acc", (right_colour & right_shape)[obj].sum(), obj.sum())
+            scores.add("token_colour_acc", (colour == tgt["colour"])[obj].sum(), obj.sum())
+            add_class_scores(scores, out, tgt)
             scores.add("background_acc", ((colour == 0) & (shape == 0))[~obj].sum(), (~obj).sum())
             found, marked = out["mark"] > 0, tgt["mark"] > 0
             scores.add("mark_recall", (found & marked).sum(), marked.sum())
