@@ -5,6 +5,7 @@ nothing about counting.
     python pretrain_tiny.py --out models/tiny-pretrained                 # = make tiny-pretrained (~12 min, 2 cores)
     python pretrain_tiny.py --out models/tiny-pretrained-strict --strict # = make tiny-pretrained-strict
     python pretrain_tiny.py --out /tmp/pt --steps 20 --eval_images 8     # a quick look
+    python pretrain_tiny.py --probe cnn --steps 1500                     # is the shape target learnable? (~11 min)
 
 The benchmarks train a tiny Qwen2-VL; from random weights its vision tower must learn to see shapes, colours and
 marks while it learns to count, which a pretrained Qwen2-VL-2B already does. This script gives the tiny model that
@@ -26,6 +27,11 @@ Never in a target: a count or a number of objects, marks on objects in counting 
 --strict leaves out of pretraining the colour + shape pairs that `make bench-unseen` holds out for val and test
 (its compositional split: every colour and every shape is still shown), for "does counting transfer to a pair the
 backbone never saw named together".
+
+--probe cnn trains, instead of the tiny Qwen2-VL, a small CNN (five stride-2 blocks down to one cell per image
+token) on the same scenes and the same per-token shape targets, and prints its held-out shape accuracy: whether
+the target can be learnt from the pixels at all, so a low score of the stand-in is the tiny vision tower's limit,
+not the target's. It saves nothing.
 
 Saves OUT with `save_pretrained` (loads through `from_pretrained` exactly as Qwen2-VL-2B does), tiny_config.json,
 and pretrain.json: the config, the steps, the time, the training curve and the held-out scores on scenes of
@@ -77,6 +83,9 @@ class PretrainConfig:
     densities: str = arg("3,10,10,20,40", "per scene, the most objects of one class is drawn from this list (then 0 to "
                          "that many; sparse scenes have larger objects, a 224 px scene of 40 has objects under a token)")
     distractors: int = arg(3, "other classes per scene: 0 to this many")
+    probe: str = arg("", "cnn: train a small CNN on the per-token shape targets instead (prints its held-out shape "
+                     "accuracy, saves nothing); empty: pretrain the stand-in")
+    shape_weight: float = arg(1.0, "weight of the per-token shape loss in the sum (the others weigh 1)")
     mark_fraction: float = arg(0.6, "share of scenes with random numbered marks drawn on them")
     max_marks: int = arg(12, "most marks on a scene")
     eval_images: int = arg(200, "held-out scenes scored at the end")
@@ -94,6 +103,10 @@ def validate(cfg: PretrainConfig) -> list[str]:
     for name in ("steps", "batch_size", "eval_images", "log_every", "max_marks"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1")
+    if cfg.probe not in ("", "cnn"):
+        errors.append(f"--probe must be cnn or empty, got {cfg.probe!r}")
+    if cfg.shape_weight <= 0:
+        errors.append("--shape_weight must be > 0")
     if not 0 < cfg.lr < 1 or cfg.minutes <= 0 or cfg.warmup_steps < 0:
         errors.append("--lr must be in (0, 1), --minutes > 0 and --warmup_steps >= 0")
     if cfg.image_size < 64 or not 0 <= cfg.mark_fraction <= 1 or cfg.distractors < 0:
@@ -252,12 +265,12 @@ def forward(backbone, heads: PretrainHeads, processor, examples: list[Example]):
     return pairs
 
 
-def losses(pairs) -> dict[str, torch.Tensor]:
-    """Each objective's loss, averaged over the examples."""
+def losses(pairs, shape_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Each objective's loss, averaged over the examples (the shape loss times shape_weight)."""
     terms = {"colour": 0.0, "shape": 0.0, "mark": 0.0, "number": 0.0, "ground": 0.0, "present": 0.0}
     for out, tgt in pairs:
         terms["colour"] = terms["colour"] + F.cross_entropy(out["colour"], tgt["colour"])
-        terms["shape"] = terms["shape"] + F.cross_entropy(out["shape"], tgt["shape"])
+        terms["shape"] = terms["shape"] + shape_weight * F.cross_entropy(out["shape"], tgt["shape"])
         marked = tgt["mark"] > 0
         # A mark's centre is in about one token of a hundred: its positives weigh as much as all the negatives.
         weight = torch.where(marked, max(1.0, float((~marked).sum()) / max(1, int(marked.sum()))), 1.0)
@@ -330,6 +343,65 @@ def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
     return result
 
 
+class ShapeProbe(nn.Module):
+    """A small CNN: an image of rows x cols cells of PROBE_CELL px -> shape logits per cell (background + 8)."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [3, 32, 64, 96, 128, 128]
+        blocks = []
+        for i, o in zip(widths, widths[1:]):  # five stride-2 blocks: 32 px -> 1 cell
+            blocks += [nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o), nn.ReLU(),
+                       nn.Conv2d(o, o, 3, 1, 1), nn.BatchNorm2d(o), nn.ReLU()]
+        self.net = nn.Sequential(*blocks, nn.Conv2d(128, 128, 3, 1, 1), nn.ReLU(), nn.Conv2d(128, len(SHAPES) + 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image (3, rows * 32, cols * 32) -> (rows * cols, 9), row-major like the image tokens."""
+        return self.net(image[None])[0].flatten(1).T
+
+
+PROBE_CELL = 32  # px per image token for the probe (the stand-in's tokens are 28 px; the targets are fractions)
+
+
+def probe_example(example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's input (the image resized to the stand-in's token grid, PROBE_CELL px a cell) and shape targets."""
+    width, height = example.image.size
+    rows, cols = max(1, round(height / 28)), max(1, round(width / 28))
+    image = example.image.convert("RGB").resize((cols * PROBE_CELL, rows * PROBE_CELL))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    return pixels, token_targets(example, rows, cols)["shape"]
+
+
+def probe_cnn(cfg: PretrainConfig) -> dict:
+    """Train ShapeProbe for --steps on fresh scenes; per-token shape accuracy on the held-out scenes of evaluate()."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    classes, probe = pretraining_classes(cfg), ShapeProbe()
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
+    rng = np.random.default_rng(cfg.seed)
+    start, curve = time.monotonic(), []
+    for step in tqdm(range(cfg.steps), desc="probe cnn", dynamic_ncols=True):
+        pairs = [probe_example(make_example(rng, cfg, classes)) for _ in range(cfg.batch_size)]
+        loss = sum(F.cross_entropy(probe(x), y) for x, y in pairs) / len(pairs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % cfg.log_every == 0:
+            curve.append({"step": step + 1, "shape": float(loss)})
+    probe.eval()
+    scores = Scores()
+    with torch.no_grad():
+        for prefix, seed, densities in (("", cfg.seed + EVAL_SEED_OFFSET, EVAL_DENSITIES),
+                                        ("sparse_", cfg.seed + 2 * EVAL_SEED_OFFSET, SPARSE_DENSITIES)):
+            eval_rng = np.random.default_rng(seed)  # the held-out scenes evaluate() scores the stand-in on
+            for _ in range(cfg.eval_images):
+                x, y = probe_example(make_example(eval_rng, cfg, classes, densities))
+                obj = y > 0
+                scores.add(f"{prefix}token_shape_acc", (probe(x).argmax(-1) == y)[obj].sum(), obj.sum())
+    return {"held_out_scores": scores.result(), "curve": curve, "train_minutes": (time.monotonic() - start) / 60}
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -376,7 +448,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             stopped_by = f"--minutes {cfg.minutes} at step {step}"
             break
         examples = [make_example(rng, cfg, classes) for _ in range(cfg.batch_size)]
-        terms = losses(forward(backbone, heads, processor, examples))
+        terms = losses(forward(backbone, heads, processor, examples), cfg.shape_weight)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -418,6 +490,12 @@ def save(cfg: PretrainConfig, tiny, processor, backbone, report: dict) -> None:
 def main(argv=None) -> int:
     cfg = parse_config(PretrainConfig, argv, __doc__, validate)
     print("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()), flush=True)
+    if cfg.probe == "cnn":
+        report = probe_cnn(cfg)
+        print(f"\nCNN probe, {cfg.steps} steps in {report['train_minutes']:.1f} min; held-out per-token shape accuracy:")
+        for key, value in report["held_out_scores"].items():
+            print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+        return 0
     report = pretrain(cfg)
     print("\nHeld-out scenes (seed {}):".format(cfg.seed + EVAL_SEED_OFFSET))
     for key, value in report["held_out_scores"].items():

@@ -84,6 +84,43 @@ def test_token_targets_by_hand():
     assert float(t["present"]) == 1.0
 
 
+def test_shape_weight_scales_only_the_shape_loss():
+    """Zero logits on 2 tokens: every cross-entropy is ln(classes), the BCEs ln 2; --shape_weight 3 triples the
+    shape term (3 ln 9) and leaves the colour term at ln 9."""
+    out = {"colour": torch.zeros(2, 9), "shape": torch.zeros(2, 9), "mark": torch.zeros(2),
+           "number": torch.zeros(2, pt.MAX_MARK_LABEL), "ground": torch.zeros(2), "present": torch.tensor(0.0)}
+    tgt = {"colour": torch.tensor([0, 3]), "shape": torch.tensor([0, 5]), "mark": torch.tensor([0, 0]),
+           "ground": torch.tensor([0.0, 1.0]), "present": torch.tensor(1.0)}
+    terms = pt.losses([(out, tgt)], shape_weight=3.0)
+    assert float(terms["shape"]) == pytest.approx(3 * np.log(9), rel=1e-5)
+    assert float(terms["colour"]) == pytest.approx(np.log(9), rel=1e-5)
+    assert float(terms["ground"]) == pytest.approx(np.log(2), rel=1e-5)
+
+
+def test_the_cnn_probe_reads_the_stand_ins_token_grid():
+    """A 112 x 84 image is 4 x 3 tokens of 28 px: the probe's input is 4 x 3 cells of 32 px, its targets the
+    stand-in's per-token shapes (the ring at (56, 42), radius 20, covers the centres of tokens (1, 1) and (1, 2)),
+    and its logits come one row per token."""
+    example = pt.Example(Image.new("RGB", (112, 84)), [(56, 42, 20, "red rings")], [], query="red rings",
+                         present=True, prompt_before=False)
+    pixels, shape = pt.probe_example(example)
+    assert tuple(pixels.shape) == (3, 3 * 32, 4 * 32)
+    ring = list(SHAPES).index("ring") + 1
+    expected = np.zeros((3, 4), dtype=np.int64)
+    expected[1, 1:3] = ring
+    assert shape.reshape(3, 4).tolist() == expected.tolist()
+    assert tuple(pt.ShapeProbe()(pixels).shape) == (12, len(SHAPES) + 1)
+
+
+def test_probe_and_shape_weight_flags_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        pt.main(["--probe", "vit", "--shape_weight", "0"])
+    err = capsys.readouterr().err
+    assert "--probe must be cnn or empty" in err and "--shape_weight must be > 0" in err
+    assert pt.main(["--probe", "cnn", "--steps", "2", "--batch_size", "2", "--eval_images", "2"]) == 0
+    assert "sparse_token_shape_acc" in capsys.readouterr().out
+
+
 def test_strict_leaves_out_the_held_out_pairs_but_no_colour_or_shape():
     cfg = pt.PretrainConfig(strict=True)
     held = pt.held_out_pairs(cfg)
