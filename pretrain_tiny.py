@@ -64,6 +64,7 @@ MAX_MARK_LABEL = 60  # marks show numbers 1..60, drawn in no order
 PROMPT = "Find the {class_name}."
 EVAL_SEED_OFFSET = 100_003  # held-out scenes: another generator seed
 EVAL_DENSITIES = [3, 10, 10, 20, 40]  # the held-out scenes' densities, whatever --densities trains on (comparable)
+TOKEN_PX = 28  # an image token of Qwen2-VL: a 14 px patch, 2 x 2 merged
 SPARSE_DENSITIES = [10]  # the benchmarks' scenes (1 to 10 objects of a class, about a token wide or more)
 
 
@@ -305,6 +306,16 @@ def add_class_scores(scores: Scores, out: dict, tgt: dict, prefix: str = "") -> 
     scores.add(f"{prefix}token_class_acc", ((colour == tgt["colour"]) & right_shape)[obj].sum(), obj.sum())
 
 
+def held_out_scenes(cfg: PretrainConfig, classes: list[SynthClass]) -> dict[str, list[Example]]:
+    """The held-out scenes (other seeds than training's), by score prefix: "" at the default densities, "sparse_"
+    with at most 10 objects of a class (the benchmarks' sizes); --eval_images of each."""
+    scenes = {}
+    for k, (prefix, densities) in enumerate((("", EVAL_DENSITIES), ("sparse_", SPARSE_DENSITIES))):
+        rng = np.random.default_rng(cfg.seed + (k + 1) * EVAL_SEED_OFFSET)
+        scenes[prefix] = [make_example(rng, cfg, classes, densities) for _ in range(cfg.eval_images)]
+    return scenes
+
+
 @torch.no_grad()
 def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
     """Scores on --eval_images held-out scenes (another seed, the default densities whatever --densities trains on):
@@ -313,11 +324,9 @@ def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
     found (recall) and seen where none is (false alarms), numbers read on mark tokens, the named class's tokens
     found, presence answered."""
     backbone.eval()
-    rng = np.random.default_rng(cfg.seed + EVAL_SEED_OFFSET)
     scores = Scores()
-    examples = [make_example(rng, cfg, classes, EVAL_DENSITIES) for _ in range(cfg.eval_images)]
-    sparse_rng = np.random.default_rng(cfg.seed + 2 * EVAL_SEED_OFFSET)
-    sparse = [make_example(sparse_rng, cfg, classes, SPARSE_DENSITIES) for _ in range(cfg.eval_images)]
+    scenes = held_out_scenes(cfg, classes)
+    examples, sparse = scenes[""], scenes["sparse_"]
     for start in range(0, len(sparse), cfg.batch_size):  # class recognition where objects are the benchmarks' size
         for out, tgt in forward(backbone, heads, processor, sparse[start:start + cfg.batch_size]):
             add_class_scores(scores, out, tgt, "sparse_")
@@ -343,6 +352,9 @@ def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
     return result
 
 
+PROBE_CELL = 32  # px per image token for the probe (five stride-2 blocks; the targets are fractions of the image)
+
+
 class ShapeProbe(nn.Module):
     """A small CNN: an image of rows x cols cells of PROBE_CELL px -> shape logits per cell (background + 8)."""
 
@@ -356,17 +368,14 @@ class ShapeProbe(nn.Module):
         self.net = nn.Sequential(*blocks, nn.Conv2d(128, 128, 3, 1, 1), nn.ReLU(), nn.Conv2d(128, len(SHAPES) + 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """image (3, rows * 32, cols * 32) -> (rows * cols, 9), row-major like the image tokens."""
+        """image (3, rows * PROBE_CELL, cols * PROBE_CELL) -> (rows * cols, 9), row-major like the image tokens."""
         return self.net(image[None])[0].flatten(1).T
-
-
-PROBE_CELL = 32  # px per image token for the probe (the stand-in's tokens are 28 px; the targets are fractions)
 
 
 def probe_example(example: Example) -> tuple[torch.Tensor, torch.Tensor]:
     """The probe's input (the image resized to the stand-in's token grid, PROBE_CELL px a cell) and shape targets."""
     width, height = example.image.size
-    rows, cols = max(1, round(height / 28)), max(1, round(width / 28))
+    rows, cols = max(1, round(height / TOKEN_PX)), max(1, round(width / TOKEN_PX))
     image = example.image.convert("RGB").resize((cols * PROBE_CELL, rows * PROBE_CELL))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
     return pixels, token_targets(example, rows, cols)["shape"]
@@ -380,26 +389,22 @@ def probe_cnn(cfg: PretrainConfig) -> dict:
     classes, probe = pretraining_classes(cfg), ShapeProbe()
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
     rng = np.random.default_rng(cfg.seed)
-    start, curve = time.monotonic(), []
-    for step in tqdm(range(cfg.steps), desc="probe cnn", dynamic_ncols=True):
+    start = time.monotonic()
+    for _ in tqdm(range(cfg.steps), desc="probe cnn", dynamic_ncols=True):
         pairs = [probe_example(make_example(rng, cfg, classes)) for _ in range(cfg.batch_size)]
         loss = sum(F.cross_entropy(probe(x), y) for x, y in pairs) / len(pairs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % cfg.log_every == 0:
-            curve.append({"step": step + 1, "shape": float(loss)})
     probe.eval()
     scores = Scores()
     with torch.no_grad():
-        for prefix, seed, densities in (("", cfg.seed + EVAL_SEED_OFFSET, EVAL_DENSITIES),
-                                        ("sparse_", cfg.seed + 2 * EVAL_SEED_OFFSET, SPARSE_DENSITIES)):
-            eval_rng = np.random.default_rng(seed)  # the held-out scenes evaluate() scores the stand-in on
-            for _ in range(cfg.eval_images):
-                x, y = probe_example(make_example(eval_rng, cfg, classes, densities))
+        for prefix, examples in held_out_scenes(cfg, classes).items():  # the scenes evaluate() scores the stand-in on
+            for example in examples:
+                x, y = probe_example(example)
                 obj = y > 0
                 scores.add(f"{prefix}token_shape_acc", (probe(x).argmax(-1) == y)[obj].sum(), obj.sum())
-    return {"held_out_scores": scores.result(), "curve": curve, "train_minutes": (time.monotonic() - start) / 60}
+    return {"held_out_scores": scores.result(), "train_minutes": (time.monotonic() - start) / 60}
 
 
 # ----------------------------------------------------------------------------- run
@@ -412,7 +417,7 @@ def build(cfg: PretrainConfig):
 
     tiny = TinyConfig(out=cfg.out, seed=cfg.seed, vision_width=cfg.vision_width, vision_depth=cfg.vision_depth,
                       text_width=cfg.text_width, text_layers=cfg.text_layers, bpe_vocab=cfg.bpe_vocab)
-    side = 28 * math.ceil(cfg.image_size / 28)  # bench_learning.processor_side: no image is shrunk
+    side = TOKEN_PX * math.ceil(cfg.image_size / TOKEN_PX)  # bench_learning.processor_side: no image is shrunk
     tiny.min_pixels, tiny.max_pixels = side * side, 2 * side * side
     tokenizer = build_tokenizer(tiny)
     processor = build_processor(tiny, tokenizer)
@@ -487,19 +492,22 @@ def save(cfg: PretrainConfig, tiny, processor, backbone, report: dict) -> None:
     os.replace(partial, cfg.out)
 
 
+def print_scores(scores: dict) -> None:
+    for key, value in scores.items():
+        print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+
+
 def main(argv=None) -> int:
     cfg = parse_config(PretrainConfig, argv, __doc__, validate)
     print("Config:\n" + "\n".join(f"  {k}: {v}" for k, v in asdict(cfg).items()), flush=True)
     if cfg.probe == "cnn":
         report = probe_cnn(cfg)
         print(f"\nCNN probe, {cfg.steps} steps in {report['train_minutes']:.1f} min; held-out per-token shape accuracy:")
-        for key, value in report["held_out_scores"].items():
-            print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+        print_scores(report["held_out_scores"])
         return 0
     report = pretrain(cfg)
     print("\nHeld-out scenes (seed {}):".format(cfg.seed + EVAL_SEED_OFFSET))
-    for key, value in report["held_out_scores"].items():
-        print(f"  {key:20s} {value:.3f}" if isinstance(value, float) else f"  {key:20s} {value}")
+    print_scores(report["held_out_scores"])
     print(f"\n{report['steps']} steps in {report['train_minutes']:.1f} min"
           + (f" (stopped by {report['stopped_by']})" if report["stopped_by"] else "") + f"; saved {cfg.out}")
     return 0
