@@ -1,7 +1,8 @@
 # make demo: tiny demo on the CPU (synthetic FSC-147 + tiny random Qwen2-VL, fully fine-tuned: LoRA on random weights
 #   learns too slowly to show; the 4-bit + LoRA path is in the tests and in bench-learning-20min)
 # make test: the test suite
-# make bench-speed / bench-learning / bench-learning-20min / bench-distractors / bench-unseen / bench-dense:
+# make bench-speed / bench-learning / bench-learning-20min / bench-distractors / bench-unseen / bench-dense /
+#   bench-dense-modules:
 #   the benchmarks quoted in RESULTS.md (CPU, 2 cores; steps capped so that runs compare across machines).
 # make tiny-pretrained / tiny-pretrained-strict: the pretrained stand-in for Qwen2-VL-2B (built once).
 # make smoke-2b: the full-size Qwen2-VL-2B architecture (random weights) through the real path (CPU or GPU).
@@ -12,7 +13,7 @@ VENV := .venv
 STAMP := $(VENV)/.requirements-installed
 
 .PHONY: demo test venv clean-demo bench-speed bench-learning bench-learning-20min bench-distractors bench-unseen \
-	bench-dense smoke-2b gpu-check tiny-pretrained tiny-pretrained-strict
+	bench-dense bench-dense-modules smoke-2b gpu-check tiny-pretrained tiny-pretrained-strict
 
 venv: $(STAMP)
 	@echo "$(VENV) is set up from requirements.txt: $(VENV)/bin/python"
@@ -115,12 +116,20 @@ bench-unseen: $(STAMP) $(if $(findstring pretrained,$(subst pretrained-strict,,$
 # (DENSE_BACKBONES=random,pretrained adds the random row; ~11 min per backbone on 2 cores). 3,700 steps, the
 # budget of the dense issue's measurement. The flags after $(BENCH_SETTINGS) override its values (the last occurrence wins).
 DENSE_BACKBONES ?= pretrained
+DENSE_SETTINGS := --steps 3700 --minutes 40 --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \
+	--points_per_step 1,auto --beyond_objects 61,80 --protocol text --backbone $(DENSE_BACKBONES) --finetune full \
+	$(BENCH_SETTINGS) --test_images 100 --eval_images 20 --tune_threshold 0.5,0.7,0.9
 bench-dense: $(STAMP) $(if $(findstring pretrained,$(DENSE_BACKBONES)),$(PRETRAINED)/pretrain.json)
-	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense --steps 3700 --minutes 40 \
-		--variants mean,simple-token --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \
-		--points_per_step 1,auto --beyond_objects 61,80 --large_objects 100,400 --large_image_size 448,768 \
-		--large_tiles 1,auto --large_images 50 --protocol text --backbone $(DENSE_BACKBONES) --finetune full \
-		$(BENCH_SETTINGS) --test_images 100 --eval_images 20 --tune_threshold 0.5,0.7,0.9
+	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense --variants mean,simple-token \
+		--large_objects 100,400 --large_image_size 448,768 --large_tiles 1,auto --large_images 50 $(DENSE_SETTINGS)
+
+# The seed's plan on dense scenes: the attention model's modules added back one at a time (working memory, +
+# foveation, + cross-attention, + reasoning) beside simple-token (no module), the same data, steps and test images
+# as bench-dense (its 10-60 and 61-80 sets; ~12 min per row on 2 cores, ~1 h in all). MODULE_SETS picks the rows.
+MODULE_SETS ?= memory,memory+foveation,memory+foveation+cross_attention,memory+foveation+cross_attention+reasoning
+bench-dense-modules: $(STAMP) $(if $(findstring pretrained,$(DENSE_BACKBONES)),$(PRETRAINED)/pretrain.json)
+	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense_modules --variants mean,simple-token,attention-token \
+		--attention_modules $(MODULE_SETS) $(DENSE_SETTINGS)
 
 # Qwen2-VL-2B's architecture with random weights (built once into models/, ~4.4 GB) through the real
 # 4-bit + LoRA path: one training step at batch 2 on 384 x 576 images, one counting step (CPU: ~15 min).

@@ -18,6 +18,10 @@ Variants (--variants, comma-separated): a model type with optional suffixes, or 
   ...-film             the class query scales each image token's features (--class_binding film)
   e.g. simple, simple-token, attention, attention-token, attention-token-nearest, simple-token-before-film
 
+Attention variants train once per --attention_modules set, one row set each (the table's modules column): e.g.
+--attention_modules memory,memory+foveation,memory+foveation+cross_attention adds the modules back one at a time,
+the seed's plan; beside simple-token (no module) it is the module table of RESULTS.md (`make bench-dense-modules`).
+
 Each trained variant counts the test images under every --protocol: text (marks sized from the model's
 own object-size estimate, no exemplar boxes) and/or exemplar (sized from the exemplar boxes); one row
 each. With --distractors, rows also report says_total (counted every object, of every class).
@@ -56,6 +60,7 @@ from tiles import parse_tiles, tiles_errors
 from dataset_fsc147 import FSC147Dataset, write_synthetic_fsc147
 from evaluate_counting import parse_thresholds
 from synthetic_fsc147 import SynthConfig, validate_synth
+from model_sequential_attention import ATTENTION_MODULES
 from train_sequential_attention import TrainConfig
 
 VARIANT_MODELS = ("simple", "attention")
@@ -63,6 +68,7 @@ FINETUNES = ("lora4bit", "lora", "full")
 BACKBONES = ("random", "pretrained", "pretrained-strict")
 TINY_FIELDS = ("vision_width", "vision_depth", "text_width", "text_layers", "bpe_vocab")  # must match a pretrained one
 VARIANT_SUFFIXES = ("token", "nearest", "before", "film")
+FULL_MODULES = "+".join(ATTENTION_MODULES)  # the attention model's default: every module
 TEXT_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 VISION_LORA = "qkv,proj,fc1,fc2"  # Qwen2-VL vision blocks (attention qkv/proj, MLP fc1/fc2)
 
@@ -143,6 +149,9 @@ class BenchConfig:
     object_map_focal: float = arg(0.0, "focal exponent of the dense object-map BCE (0: plain BCE)")
     class_loss: float = arg(0.0, "weight of the auxiliary per-token class cross-entropy (0: off)")
     attention_dim: int = arg(128, "width of the attention model's modules")
+    attention_modules: str = arg(FULL_MODULES, "module sets of the attention variants, comma-separated, one "
+                                 "trained run each (rows side by side, the seed's plan of adding them back one at a "
+                                 "time): modules joined by '+' from memory, foveation, cross_attention, reasoning")
     head_hidden: int = arg(128, "hidden width of x_head, y_head, done_head")
     eval_every: int = arg(250, "validation losses and val count MAE every N steps (the curves)")
     eval_images: int = arg(40, "val images counted at each evaluation; the best MAE gives checkpoint-best")
@@ -165,6 +174,11 @@ def validate(cfg: BenchConfig) -> list[str]:
                           "-token and -nearest suffixes")
     if not parse_variants(cfg.variants):
         errors.append("--variants must name at least one variant")
+    sets = parse_variants(cfg.attention_modules)
+    unknown = sorted({m for s in sets for m in s.split("+") if m not in ATTENTION_MODULES})
+    if not sets or unknown:
+        errors.append(f"--attention_modules: unknown {unknown or 'empty list'}; list sets of "
+                      f"{', '.join(ATTENTION_MODULES)} joined by '+', e.g. memory,memory+foveation")
     if not parse_variants(cfg.finetune) or any(f not in FINETUNES for f in parse_variants(cfg.finetune)):
         errors.append(f"--finetune must list some of {', '.join(FINETUNES)}, got {cfg.finetune!r}")
     errors += backbone_errors(cfg)
@@ -253,9 +267,16 @@ def backbone_dir(cfg: BenchConfig, backbone: str) -> str:
     return {"pretrained": cfg.pretrained_dir, "pretrained-strict": cfg.pretrained_strict_dir}[backbone]
 
 
-def run_name(variant: str, backbone: str, finetune: str) -> str:
-    """The run folder of one trained row set, under OUTPUT_DIR."""
-    return f"{variant}_{backbone}_{finetune}"
+def module_sets(cfg: BenchConfig, variant: str) -> list[str]:
+    """The attention-module sets a variant trains once each ('memory+foveation'); [''] for the simple model."""
+    return parse_variants(cfg.attention_modules) if variant.split("-")[0] == "attention" else [""]
+
+
+def run_name(variant: str, backbone: str, finetune: str, modules: str = "") -> str:
+    """The run folder of one trained row set, under OUTPUT_DIR (an attention variant's module set named unless it
+    is every module)."""
+    named = f"@{modules}" if modules and modules != FULL_MODULES else ""
+    return f"{variant}{named}_{backbone}_{finetune}"
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -344,16 +365,19 @@ def _reuse_or_build(folder: str, settings: dict, build) -> str:
 
 
 def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, backbone: str = "random",
-                 finetune: str | None = None) -> TrainConfig:
+                 finetune: str | None = None, modules: str = "") -> TrainConfig:
     """The training run of one variant: same data, seed and budget as every other variant (finetune: the first
-    of --finetune unless given)."""
+    of --finetune unless given; modules: the attention model's, '+'-joined, the first set unless given)."""
     finetune = finetune or parse_variants(cfg.finetune)[0]
+    modules = modules or module_sets(cfg, variant)[0] or FULL_MODULES
     side = processor_side(cfg)
     targets = TEXT_LORA + ("," + VISION_LORA if cfg.lora_vision else "")
     model_type, *suffixes = variant.split("-")
     return TrainConfig(
-        data_root=data_root, model_name_or_path=model_dir, output_dir=os.path.join(cfg.output_dir, run_name(variant, backbone, finetune)),
-        model_type=model_type, pointing="token" if "token" in suffixes else "regress",
+        data_root=data_root, model_name_or_path=model_dir,
+        output_dir=os.path.join(cfg.output_dir, run_name(variant, backbone, finetune, modules)),
+        model_type=model_type, attention_modules=modules.replace("+", ","),
+        pointing="token" if "token" in suffixes else "regress",
         target_strategy="nearest" if "nearest" in suffixes else "reading_order",
         prompt_position="before" if "before" in suffixes else "after",
         class_binding="film" if "film" in suffixes else "add",
@@ -450,8 +474,7 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
                 gt = np.array([r["gt_count"] for r in records])
                 rows.append({
                     "variant": variant, "status": "ok", "protocol": protocol, "points_per_step": mode, "tiles": tiles,
-                    "test_set": test_set, "model_type": tcfg.model_type, "attention_modules": tcfg.attention_modules
-                    if tcfg.model_type == "attention" else "", "target_strategy": tcfg.target_strategy,
+                    "test_set": test_set, "model_type": tcfg.model_type, "target_strategy": tcfg.target_strategy,
                     "pointing": tcfg.pointing, "prompt_position": tcfg.prompt_position,
                     "class_binding": tcfg.class_binding, "checkpoint": checkpoint, "results_file": name,
                     "exact_acc": exact_accuracy(pred, gt), "bias": float(np.mean(pred - gt)),
@@ -467,14 +490,14 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
 
 
 def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, tests: dict[str, FSC147Dataset],
-                backbone: str, finetune: str) -> list[dict]:
-    """Train one variant on one backbone, then count the test split with its checkpoint-best (lowest val count
-    MAE)."""
+                backbone: str, finetune: str, modules: str = "") -> list[dict]:
+    """Train one variant (with one attention-module set) on one backbone, then count the test split with its
+    checkpoint-best (lowest val count MAE)."""
     from train_sequential_attention import train
 
-    tcfg = train_config(cfg, variant, data_root, model_dir, backbone, finetune)
-    which = {"variant": variant, "backbone": backbone, "finetune": finetune,
-             "run_dir": run_name(variant, backbone, finetune)}
+    tcfg = train_config(cfg, variant, data_root, model_dir, backbone, finetune, modules)
+    which = {"variant": variant, "attention_modules": modules or None, "backbone": backbone, "finetune": finetune,
+             "run_dir": run_name(variant, backbone, finetune, modules)}
     start = time.perf_counter()
     try:
         summary = train(tcfg)
@@ -574,7 +597,8 @@ def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> Non
 
 
 def markdown_table(results: list[dict]) -> str:
-    cols = [("variant", "variant", "{}"), ("backbone", "backbone", "{}"), ("finetune", "finetune", "{}"),
+    cols = [("variant", "variant", "{}"), ("attention_modules", "modules", "{}"), ("backbone", "backbone", "{}"),
+            ("finetune", "finetune", "{}"),
             ("protocol", "protocol", "{}"), ("points_per_step", "points/step", "{}"),
             ("tiles", "tiles", "{}"), ("test_set", "test set", "{}"), ("steps", "steps", "{}"),
             ("train_minutes", "train min", "{:.1f}"),
@@ -615,10 +639,11 @@ def main(argv=None) -> int:
             model_dir = build_bench_model(cfg) if backbone == "random" else backbone_dir(cfg, backbone)
             for finetune in parse_variants(cfg.finetune):
                 for variant in (v for v in variants if v != "mean"):
-                    print(f"\n=== {run_name(variant, backbone, finetune)} ===")
-                    rows = run_variant(cfg, variant, data_root, model_dir, tests, backbone, finetune)
-                    results += rows
-                    print(json.dumps(rows, indent=1))
+                    for modules in module_sets(cfg, variant):
+                        print(f"\n=== {run_name(variant, backbone, finetune, modules)} ===")
+                        rows = run_variant(cfg, variant, data_root, model_dir, tests, backbone, finetune, modules)
+                        results += rows
+                        print(json.dumps(rows, indent=1))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

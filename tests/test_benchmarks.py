@@ -26,7 +26,8 @@ def test_bench_learning_writes_table_json_and_plot(tmp_path, capsys):
     # the mean baseline is the training split's mean count, scored on the same test images
     assert rows["simple"]["n_images"] == rows["mean"]["n_images"] == 3
     table = open(out / "results.md").read()
-    assert "| attention-nearest | random | lora4bit | text | 1 | 1 | test | 4 |" in table and "| mean | - | - | - | - | - | test |" in table
+    assert "| attention-nearest | memory+foveation+cross_attention+reasoning | random | lora4bit | text | 1 | 1 | test | 4 |" \
+        in table and "| mean | - | - | - | - | - | - | test |" in table
     assert os.path.getsize(out / "learning.png") > 1000
     # data and model are reused when the settings match
     stamp = os.path.getmtime(out / "data" / "bench_settings.json")
@@ -92,11 +93,33 @@ def test_bench_learning_counts_each_mode_and_a_set_beyond_the_training_range(tmp
     assert os.path.getsize(out / "error_by_count.png") > 1000
 
 
+def test_bench_learning_trains_the_attention_model_once_per_module_set(tmp_path):
+    from model_loading import load_checkpoint
+
+    out = tmp_path / "modules"
+    assert bench_learning.main(["--output_dir", str(out), "--variants", "simple-token,attention-token",
+                                "--attention_modules", "memory,memory+foveation", "--steps", "2", "--num_images", "25",
+                                "--max_objects", "3", "--eval_every", "0", "--eval_images", "2", "--test_images", "2",
+                                "--max_count", "4", "--warmup_steps", "1", "--finetune", "full"]) == 0
+    rows = json.load(open(out / "results.json"))["results"]
+    assert [(r["variant"], r["attention_modules"], r["run_dir"]) for r in rows] == [
+        ("simple-token", None, "simple-token_random_full"),
+        ("attention-token", "memory", "attention-token@memory_random_full"),
+        ("attention-token", "memory+foveation", "attention-token@memory+foveation_random_full")]
+    # each run trained the modules its set names, and only those
+    for run, enabled in (("attention-token@memory_random_full", ("memory",)),
+                         ("attention-token@memory+foveation_random_full", ("memory", "foveation"))):
+        model, _ = load_checkpoint(str(out / run / "checkpoint-last"), device="cpu")
+        assert model.enabled == enabled
+    table = open(out / "results.md").read()
+    assert "| attention-token | memory+foveation | random | full |" in table and "| simple-token | - | random |" in table
+
+
 def test_bench_learning_rejects_unknown_variants(capsys):
     with pytest.raises(SystemExit):
-        bench_learning.main(["--variants", "mean,transformer", "--steps", "0"])
+        bench_learning.main(["--variants", "mean,transformer", "--steps", "0", "--attention_modules", "memory+lstm"])
     err = capsys.readouterr().err
-    assert "unknown 'transformer'" in err and "--steps must be >= 1" in err
+    assert "unknown 'transformer'" in err and "--steps must be >= 1" in err and "unknown ['lstm']" in err
 
 
 def test_bench_speed_reports_ratios(tmp_path):
