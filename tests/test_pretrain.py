@@ -183,7 +183,7 @@ def test_bench_rows_per_backbone_and_finetune(quick_pretrained, tmp_path, capsys
     assert saved["model_name_or_path"] == quick_pretrained and saved["load_in_4bit"] and saved["finetune"] == "lora"
     assert saved["lora_r"] == 16 and saved["lora_alpha"] == 32 and "qkv" not in saved["lora_target_modules"]
     assert saved["lr"] == 1e-3 and json.load(open(out / "simple-token_pretrained_full" / "config.json"))["lr"] == 3e-4
-    assert "| simple-token | pretrained | lora4bit | text |" in open(out / "results.md").read()
+    assert "| simple-token | - | pretrained | lora4bit | text |" in open(out / "results.md").read()
     # A stand-in that is not built is a clear error naming the target that builds it.
     with pytest.raises(SystemExit):
         bench_learning.main(["--backbone", "pretrained", "--pretrained_dir", str(tmp_path / "none")])
