@@ -24,7 +24,9 @@ the seed's plan; beside simple-token (no module) it is the module table of RESUL
 
 Each trained variant counts the test images under every --protocol: text (marks sized from the model's
 own object-size estimate, no exemplar boxes) and/or exemplar (sized from the exemplar boxes); one row
-each. With --distractors, rows also report says_total (counted every object, of every class).
+each. With --distractors, rows also report says_total (counted every object, of every class) and
+points_on_other_class (the share of predicted points on another class's object); every row has per_class
+(images, exact, MAE, bias per named class) in results.json.
 
 Backbones (--backbone, comma-separated, rows side by side): random (a tiny random Qwen2-VL built from --seed:
 perception learnt from scratch while counting), pretrained (--pretrained_dir, built once by `make
@@ -481,7 +483,8 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
                     **{k: counting[k] for k in ("mae", "rmse", "nae", "within_1", "mean_gt", "forwards_per_image",
                                                 "mean_tiles", "precision", "recall", "f1", "n_capped",
                                                 "n_stopped_on_duplicates",
-                                                "n_images", "says_total", "n_with_distractors", "object_size_rel_err")
+                                                "n_images", "says_total", "n_with_distractors", "object_size_rel_err",
+                                                "points_on_other_class", "n_points_on_other_class", "per_class")
                        if counting.get(k) is not None},
                     "val_states_done_acc": states["val/done_acc"], "val_states_xy_abs_err": states["val/xy_abs_err"],
                     "done_threshold": threshold, "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
@@ -605,7 +608,8 @@ def markdown_table(results: list[dict]) -> str:
             ("exact_acc", "exact acc", "{:.3f}"), ("mae", "MAE", "{:.3f}"), ("rmse", "RMSE", "{:.3f}"),
             ("nae", "NAE", "{:.3f}"), ("within_1", "within 1", "{:.3f}"), ("mean_gt", "mean gt", "{:.1f}"),
             ("forwards_per_image", "forwards/img", "{:.1f}"), ("bias", "mean pred - gt", "{:+.2f}"),
-            ("says_total", "says total", "{:.3f}"), ("object_size_rel_err", "size err", "{:.3f}"),
+            ("says_total", "says total", "{:.3f}"), ("points_on_other_class", "pts on other class", "{:.3f}"),
+            ("object_size_rel_err", "size err", "{:.3f}"),
             ("f1", "loc F1", "{:.3f}"), ("val_states_done_acc", "done acc (val states)", "{:.3f}"),
             ("done_threshold", "threshold", "{}"), ("n_capped", "capped", "{}"),
             ("status", "status", "{}")]

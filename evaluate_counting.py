@@ -23,7 +23,9 @@ Metrics (as in the FSC-147 literature; ground truth = number of annotated points
   exemplar box size of the image (an evaluation-side use of the boxes under either protocol).
   says_total: where the annotation lists every object (`all_points`, written for synthetic images with
   distractors), the share of the images holding other classes' objects (n_with_distractors of them) whose
-  count equals the number of objects of all classes: a counter that ignores the class name scores high.
+  count equals the number of objects of all classes: a counter that ignores the class name scores high;
+  points_on_other_class: there, the share of the predicted points that match no named object but one of
+  another class (the prompt's class confused with a neighbour's). per_class: images, exact, MAE, bias per class.
 """
 
 from __future__ import annotations
@@ -112,18 +114,37 @@ def parse_thresholds(text: str) -> list[float]:
 # ----------------------------------------------------------------------------- metrics
 
 
-def match_points(pred: np.ndarray, gt: np.ndarray, radius: float) -> int:
-    """Number of one-to-one matches between predicted and ground-truth points within `radius`."""
+def matched_mask(pred: np.ndarray, gt: np.ndarray, radius: float) -> np.ndarray:
+    """(P,) bool: which predicted points a one-to-one matching with the ground-truth points within `radius` uses
+    (the matching with the most pairs)."""
     pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
+    mask = np.zeros(len(pred), dtype=bool)
     if len(pred) == 0 or len(gt) == 0:
-        return 0
+        return mask
     from scipy.optimize import linear_sum_assignment
 
     dist = np.linalg.norm(pred[:, None] - gt[None], axis=-1)  # (P, G)
     # Pairs beyond the radius cost more than any pair within it, so the assignment maximises matches.
     cost = np.where(dist <= radius, dist, radius * 10 + dist.max() * len(pred) + 1.0)
     rows, cols = linear_sum_assignment(cost)
-    return int((dist[rows, cols] <= radius).sum())
+    mask[rows[dist[rows, cols] <= radius]] = True
+    return mask
+
+
+def match_points(pred: np.ndarray, gt: np.ndarray, radius: float) -> int:
+    """Number of one-to-one matches between predicted and ground-truth points within `radius`."""
+    return int(matched_mask(pred, gt, radius).sum())
+
+
+def other_class_points(pred: np.ndarray, gt: np.ndarray, all_points: np.ndarray, radius: float) -> int:
+    """Predicted points that match no named object but do match (one-to-one, within `radius`) an object of another
+    class: the prompt's class confused with a neighbour's. `all_points` lists every object, the named ones too."""
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 2)
+    gt, every = np.asarray(gt, dtype=np.float64).reshape(-1, 2), np.asarray(all_points, dtype=np.float64).reshape(-1, 2)
+    if len(gt):  # the other classes' objects: every object that is not (at the same place as) a named one
+        every = every[np.linalg.norm(every[:, None] - gt[None], axis=-1).min(axis=1) > 1e-3]
+    spare = pred[~matched_mask(pred, gt, radius)]
+    return match_points(spare, every, radius)
 
 
 def default_radius(boxes: np.ndarray, width: int, height: int) -> float:
@@ -157,8 +178,29 @@ def summarize(records: list[dict], elapsed_s: float) -> dict:
         "within_1": float(np.mean(np.abs(err) <= 1)),
         "forwards_per_image": float(np.mean([r.get("steps", 0) for r in records])),
         "images_per_s": len(records) / elapsed_s if elapsed_s > 0 else float("nan"),
-        **says_total(records), **size_error(records),
+        **says_total(records), **size_error(records), **on_other_class(records), "per_class": per_class(records),
     }
+
+
+def per_class(records: list[dict]) -> dict:
+    """{class name: images, exact, MAE, mean pred - gt} over the images that name it."""
+    out = {}
+    for name in sorted({r["class_name"] for r in records if r.get("class_name") is not None}):
+        err = np.array([r["pred_count"] - r["gt_count"] for r in records if r.get("class_name") == name],
+                       dtype=np.float64)
+        out[name] = {"n_images": int(len(err)), "exact_acc": float(np.mean(err == 0)), "mae": float(np.abs(err).mean()),
+                     "bias": float(err.mean())}
+    return out
+
+
+def on_other_class(records: list[dict]) -> dict:
+    """Where every object is listed: the share of the predicted points that sit on another class's object, and
+    their number; {} otherwise."""
+    with_all = [r for r in records if r.get("n_on_other_class") is not None]
+    if not with_all:
+        return {}
+    n_other, n_pred = sum(r["n_on_other_class"] for r in with_all), sum(r["pred_count"] for r in with_all)
+    return {"points_on_other_class": n_other / n_pred if n_pred else 0.0, "n_points_on_other_class": int(n_other)}
 
 
 def says_total(records: list[dict]) -> dict:
@@ -216,6 +258,8 @@ def image_record(sample, result: CountResult, radius: float) -> dict:
         "n_duplicate": result.n_duplicate, "stopped_on_duplicates": result.stopped_on_duplicates,
         "match_radius": round(radius, 2),
         "n_matched": match_points(result.points, sample.points, radius),
+        "n_on_other_class": None if sample.all_points is None
+        else other_class_points(result.points, sample.points, sample.all_points, radius),
         "mark_radius": result.mark_radius,
         "object_size": None if result.object_size is None else round(result.object_size, 2),
         "gt_object_size": round(object_size(sample.boxes, width, height), 2) if len(sample.boxes) else None,
@@ -313,6 +357,9 @@ def print_summary(summary: dict, split: str) -> None:
             ("images/s", f"{summary['images_per_s']:.2f}")]
     if summary.get("says_total") is not None:
         rows.append(("says_total", f"{summary['says_total']:.3f} ({summary['n_with_distractors']} images)"))
+    if summary.get("points_on_other_class") is not None:
+        rows.append(("points on another class", f"{summary['points_on_other_class']:.3f} "
+                                                f"({summary['n_points_on_other_class']} points)"))
     if "object_size_rel_err" in summary:
         rows.append(("object size rel. error", f"{summary['object_size_rel_err']:.3f}"))
     if "baseline_mean_mae" in summary:
@@ -321,6 +368,10 @@ def print_summary(summary: dict, split: str) -> None:
     print(f"\n{split} split")
     for name, value in rows:
         print(f"  {name:25s} {value:>10s}")
+    if 1 < len(summary.get("per_class", {})) <= 20:  # FSC-147's test split has 29 classes: too many to print
+        print("  per class (images, exact, MAE, mean pred - gt):")
+        for name, c in summary["per_class"].items():
+            print(f"    {name:23s} {c['n_images']:4d} {c['exact_acc']:6.3f} {c['mae']:6.3f} {c['bias']:+6.2f}")
     if incomplete_warning(summary, split):
         print("  " + incomplete_warning(summary, split))
 

@@ -15,7 +15,7 @@ import count_objects as count_mod
 import evaluate_counting as eval_mod
 from count_objects import count_objects
 from dataset_fsc147 import IMAGE_DIR, SPLIT_FILE, FSC147Dataset, Sample, draw_marks, prepare_batch
-from evaluate_counting import match_points, summarize
+from evaluate_counting import match_points, other_class_points, summarize
 from model_loading import load_checkpoint
 from train_sequential_attention import TrainConfig, evaluate
 
@@ -248,6 +248,30 @@ def test_says_total_counts_images_answered_with_every_object():
     ]
     s = summarize(records, elapsed_s=1.0)
     assert s["says_total"] == pytest.approx(1 / 3) and s["n_with_all_points"] == 3
+
+
+def test_points_on_another_class_and_per_class_scores_by_hand():
+    named = np.array([[10, 10], [50, 10]])
+    every = np.array([[10, 10], [50, 10], [90, 10], [130, 10]])  # two objects of another class at x = 90, 130
+    # One point on each named object, one on the other class's object at 90, one on nothing (200), and a second
+    # point near the named object at 10 that the one-to-one matching leaves over: near no other-class object.
+    pred = np.array([[11, 10], [49, 11], [88, 10], [200, 10], [12, 12]])
+    assert other_class_points(pred, named, every, radius=5) == 1
+    # Two points on the one object at 90 count once (one-to-one).
+    assert other_class_points(np.array([[88, 10], [91, 10]]), named, every, radius=5) == 1
+    assert other_class_points(np.zeros((0, 2)), named, every, radius=5) == 0
+    records = [
+        {"class_name": "red squares", "pred_count": 5, "gt_count": 2, "n_matched": 2, "capped": False,
+         "all_count": 4, "n_on_other_class": 1},
+        {"class_name": "red squares", "pred_count": 2, "gt_count": 2, "n_matched": 2, "capped": False,
+         "all_count": 4, "n_on_other_class": 0},
+        {"class_name": "yellow stars", "pred_count": 3, "gt_count": 4, "n_matched": 3, "capped": False,
+         "all_count": 6, "n_on_other_class": 0},
+    ]
+    s = summarize(records, elapsed_s=1.0)
+    assert s["points_on_other_class"] == pytest.approx(1 / 10) and s["n_points_on_other_class"] == 1
+    assert s["per_class"] == {"red squares": {"n_images": 2, "exact_acc": 0.5, "mae": 1.5, "bias": 1.5},
+                              "yellow stars": {"n_images": 1, "exact_acc": 0.0, "mae": 1.0, "bias": -1.0}}
 
 
 def test_text_protocol_sizes_marks_from_the_model_estimate():
