@@ -33,9 +33,10 @@ clean-demo:
 	rm -rf demo runs/demo
 
 # The pretrained stand-in for Qwen2-VL-2B (pretrain_tiny.py): the tiny Qwen2-VL taught which class is where, the
-# class names and reading numbered marks, never counting; built once (~9-11 min on 2 cores) from a fixed seed and
-# rebuilt when its scripts change. Bit-identical over a few steps (tests/test_pretrain.py); two 3,000-step builds
-# of one commit on this machine differed by up to 0.04 in held-out scores (RESULTS.md 1d). The strict one never
+# class names and reading numbered marks, never counting; built once (4,000 steps, shape loss x 5: ~14-18 min on 2
+# cores) from a fixed seed and rebuilt when its scripts change. Bit-identical over a few steps
+# (tests/test_pretrain.py); two 3,000-step builds of one commit on this machine differed by up to 0.04 in held-out
+# scores (RESULTS.md 1d). The strict one never
 # sees bench-unseen's held-out colour + shape pairs.
 PRETRAINED := models/tiny-pretrained
 PRETRAINED_STRICT := models/tiny-pretrained-strict
@@ -73,8 +74,8 @@ bench-learning: $(STAMP)
 
 # The best variant under the issue's budget, at most 20 minutes of training on 2 CPU cores each, on the pretrained
 # stand-in: full fine-tuning and the README's 4-bit + LoRA recipe (training script's LoRA defaults: rank 16, the
-# language model's projections, vision frozen), same steps and test images; LoRA at lr 1e-3 (3e-4 counted 0.777
-# exact, 1e-3 0.857: RESULTS.md 1d). ~35 min in all; `make tiny-pretrained` first, once. BACKBONES=random,pretrained
+# language model's projections, vision frozen), same steps and test images; LoRA at lr 1e-3 (on the v2 stand-in
+# 3e-4 counted 0.777 exact, 1e-3 0.857; on today's default 0.923: RESULTS.md 1d). ~30-35 min in all; `make tiny-pretrained` first, once. BACKBONES=random,pretrained
 # adds random rows.
 BACKBONES ?= pretrained
 bench-learning-20min: $(STAMP) $(PRETRAINED)/pretrain.json
