@@ -91,7 +91,7 @@ PROMPT_SETTINGS := --protocol text,exemplar --negative_prompts 0.3 --mark_size_j
 
 # Named class plus objects of 1 or 2 other classes (1-6 each), seen classes, on the pretrained stand-in, in the
 # prompt issue's harder setting: the six benchmark classes share colours (no --distinct_colours), so only the shape
-# tells the named class from the others; 9,000 steps, at most 30 minutes of training (~25 min per backbone on 2
+# tells the named class from the others; 9,000 steps, at most 30 minutes of training (~25-35 min per backbone on 2
 # cores). PROMPT_BACKBONES=random,pretrained adds the random backbone's row.
 PROMPT_BACKBONES ?= pretrained
 bench-distractors: $(STAMP) $(if $(findstring pretrained,$(PROMPT_BACKBONES)),$(PRETRAINED)/pretrain.json)
