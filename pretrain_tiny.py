@@ -2,7 +2,7 @@
 counting training (which class is where, the class names, reading the numbered marks drawn on an image) and
 nothing about counting.
 
-    python pretrain_tiny.py --out models/tiny-pretrained                 # = make tiny-pretrained (~13-18 min, 2 cores)
+    python pretrain_tiny.py --out models/tiny-pretrained                 # = make tiny-pretrained (~14-18 min, 2 cores)
     python pretrain_tiny.py --out models/tiny-pretrained-strict --strict # = make tiny-pretrained-strict
     python pretrain_tiny.py --out /tmp/pt --steps 20 --eval_images 8     # a quick look
     python pretrain_tiny.py --probe cnn --steps 1500                     # is the shape target learnable? (~11 min)
