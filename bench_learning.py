@@ -149,6 +149,8 @@ class BenchConfig:
     mark_size_jitter: float = arg(0.0, "training marks' radius times a factor in [1 - j, 1 + j] (text-protocol errors)")
     negative_prompts: float = arg(0.0, "fraction of done classification states naming a training class the image lacks")
     object_map_focal: float = arg(0.0, "focal exponent of the dense object-map BCE (0: plain BCE)")
+    other_object_weight: float = arg(1.0, "object-map BCE weight at tokens holding an object the prompt does not "
+                                     "name (distractors; 1: plain BCE)")
     class_loss: float = arg(0.0, "weight of the auxiliary per-token class cross-entropy (0: off)")
     attention_dim: int = arg(128, "width of the attention model's modules")
     attention_modules: str = arg(FULL_MODULES, "module sets of the attention variants, comma-separated, one "
@@ -211,6 +213,8 @@ def validate(cfg: BenchConfig) -> list[str]:
         errors += [] if cfg.large_images >= 1 else ["--large_images must be >= 1"]
     if not 0 <= cfg.mark_jitter <= 1:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
+    if cfg.other_object_weight <= 0:
+        errors.append(f"--other_object_weight must be > 0, got {cfg.other_object_weight}")
     if cfg.steps < 1:
         errors.append(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.minutes < 0:
@@ -385,7 +389,7 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str,
         class_binding="film" if "film" in suffixes else "add",
         finetune="full" if finetune == "full" else "lora", synthetic_train=cfg.fresh_images,
         mark_jitter=cfg.mark_jitter, mark_size_jitter=cfg.mark_size_jitter, negative_prompts=cfg.negative_prompts,
-        object_map_focal=cfg.object_map_focal, class_loss=cfg.class_loss,
+        object_map_focal=cfg.object_map_focal, other_object_weight=cfg.other_object_weight, class_loss=cfg.class_loss,
         load_in_4bit=finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
         lora_target_modules=targets, attention_dim=cfg.attention_dim, head_hidden=cfg.head_hidden,
         min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,

@@ -420,9 +420,24 @@ class CountingBatch:
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) per image
     mark_radii: list[int] = field(default_factory=list)  # mark radius in pixels per image
     object_sizes: list[float] = field(default_factory=list)  # typical object size in pixels (`object_size`)
+    others: list[np.ndarray] = field(default_factory=list)  # per state (D, 2) normalised points of objects the
+    # prompt does not name (distractors; every object for a negative prompt); empty without `all_points`
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def other_points(sample: Sample, named: bool = True) -> np.ndarray:
+    """(D, 2) pixel points of the objects in `sample` the prompt does not name: `all_points` less the named class's
+    points (those within half a pixel of one), or, when the prompt names an absent class (named=False), every
+    object. Empty when the annotation lists no other objects."""
+    every = sample.all_points if sample.all_points is not None else np.zeros((0, 2), np.float32)
+    if not named:
+        return np.concatenate([sample.points, every], 0) if sample.all_points is None else every
+    if len(every) == 0 or len(sample.points) == 0:
+        return every
+    gap = np.linalg.norm(every[:, None] - sample.points[None], axis=-1).min(1)  # (A,)
+    return every[gap > 0.5]
 
 
 def jitter_points(points: np.ndarray, scale: float, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -481,7 +496,7 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
     seeds = rng.integers(2**63, size=total)
     done_flags, seeds = done_flags[offset:offset + n], seeds[offset:offset + n]
 
-    images, counted, candidates, remaining, radii, object_sizes = [], [], [], [], [], []
+    images, counted, candidates, remaining, radii, object_sizes, others = [], [], [], [], [], [], []
     names = []
     for sample, done, seed in zip(samples, done_flags, seeds):
         width, height = sample.image.size
@@ -520,6 +535,7 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
         counted.append(normalize_points(counted_px, width, height))
         candidates.append(normalize_points(sample.points[next_idx], width, height))
         remaining.append(normalize_points(sample.points[order[k:]], width, height))
+        others.append(normalize_points(other_points(sample, named=num > 0), width, height))
 
     m = max(1, max(len(c) for c in candidates))
     targets = torch.zeros(n, m, 2)
@@ -532,7 +548,7 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
         counted=counted, num_objects=[len(s.points) if n == s.class_name else 0 for s, n in zip(samples, names)],
         remaining=remaining,
         done=torch.from_numpy(done_flags.astype(np.float32)), targets=targets, target_mask=mask,
-        sizes=[s.image.size for s in samples], mark_radii=radii, object_sizes=object_sizes,
+        sizes=[s.image.size for s in samples], mark_radii=radii, object_sizes=object_sizes, others=others,
     )
 
 

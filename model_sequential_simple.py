@@ -361,18 +361,26 @@ def remaining_token_map(outputs: dict[str, torch.Tensor], remaining) -> torch.Te
     return torch.zeros(token_mask.shape, device=token_xy.device).scatter_add_(1, idx, mask.float()) > 0
 
 
-def object_map_loss(outputs: dict[str, torch.Tensor], remaining, focal: float = 0.0) -> torch.Tensor:
+def object_map_loss(outputs: dict[str, torch.Tensor], remaining, focal: float = 0.0, others=None,
+                    other_weight: float = 1.0) -> torch.Tensor:
     """Dense BCE: each image token holds an uncounted object (1) or not (0). remaining: per state (r, 2).
 
     focal > 0: each token's BCE is weighted by (1 - p_t)^focal (p_t: its probability of the right answer), so
     the many easy background tokens count less than the hard ones, such as an object of the named colour but
-    another shape."""
+    another shape.
+    others: per state (d, 2) points of objects the prompt does not name; a token holding one of them and no
+    uncounted named object weighs other_weight (a hard negative: it is where a counter overcounts), every other
+    token 1. The mean stays over tokens, so other_weight = 1 is the plain BCE."""
     token_mask = outputs["token_mask"]
-    target = remaining_token_map(outputs, remaining).float()[token_mask]
+    positive = remaining_token_map(outputs, remaining)  # (B, N)
+    target = positive.float()[token_mask]
     logits = outputs["object_logits"][token_mask]
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     if focal > 0:
         bce = bce * (1 - torch.exp(-bce)) ** focal  # exp(-bce) = p_t
+    if others is not None and other_weight != 1.0:
+        hard = (remaining_token_map(outputs, others) & ~positive)[token_mask]
+        bce = bce * (1.0 + (other_weight - 1.0) * hard.float())
     return bce.mean()
 
 
@@ -429,6 +437,7 @@ class LossWeights:
 
     object_map: float = OBJECT_MAP_WEIGHT  # the dense "unmarked object here" BCE (token pointing)
     object_map_focal: float = 0.0  # focal exponent of that BCE (0: plain BCE)
+    other_objects: float = 1.0  # that BCE's weight at tokens holding an object the prompt does not name
     size: float = 1.0  # the object-size estimate's MSE (text-only protocol)
     classes: float = 0.0  # the per-token class cross-entropy (a model built with a class vocabulary)
 
@@ -436,7 +445,8 @@ class LossWeights:
 def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: torch.Tensor,
                  target_mask: torch.Tensor, mode: str, remaining=None, parts: dict | None = None,
                  object_sizes: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-                 class_ids: torch.Tensor | None = None, weights: LossWeights | None = None) -> torch.Tensor:
+                 class_ids: torch.Tensor | None = None, weights: LossWeights | None = None,
+                 others=None) -> torch.Tensor:
     """The training loss of a step.
 
     cls: BCE-with-logits of done_logit against done (1 when k == N).
@@ -444,7 +454,8 @@ def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: 
       (B, M)): plain MSE with one candidate (reading order), the closest uncounted object with several.
     reg, token pointing: cross-entropy on the target token + MSE of its sub-token offset.
     Token pointing adds, in both modes, the dense "unmarked object here" BCE over the `remaining`
-    (uncounted) objects, times weights.object_map. With `object_sizes` (B,) and `image_sizes` (B, 2), every
+    (uncounted) objects, times weights.object_map (tokens holding one of `others`, the objects the prompt does not
+    name, weigh weights.other_objects). With `object_sizes` (B,) and `image_sizes` (B, 2), every
     step also trains the object-size estimate (`size_loss`), and with `class_ids` (B,) and a model that has a
     class head, the per-token class cross-entropy (`class_loss`). `parts`, if given, receives each term and
     the (x, y) MSE as detached tensors, for logging (the caller reads them with one host sync).
@@ -459,7 +470,8 @@ def compute_loss(outputs: dict[str, torch.Tensor], done: torch.Tensor, targets: 
     else:
         terms["xy_mse"] = xy_mse(outputs, targets, target_mask)
     if token and remaining is not None:
-        terms["object_bce"] = weights.object_map * object_map_loss(outputs, remaining, weights.object_map_focal)
+        terms["object_bce"] = weights.object_map * object_map_loss(outputs, remaining, weights.object_map_focal,
+                                                                   others, weights.other_objects)
     if object_sizes is not None:
         terms["size_mse"] = weights.size * size_loss(outputs, object_sizes, image_sizes, remaining)
     if class_ids is not None and "class_logits" in outputs and weights.classes > 0:

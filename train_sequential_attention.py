@@ -69,6 +69,10 @@ class TrainConfig(ModelConfig):
                                   "training class, absent from the image: done before anything is counted")
     object_map_focal: float = arg(0.0, "focal exponent of the dense 'unmarked object here' BCE: easy background tokens "
                                   "count less than hard ones, e.g. another shape of the named colour (0: plain BCE)")
+    other_object_weight: float = arg(1.0, "weight of the dense object-map BCE at image tokens holding an object "
+                                     "the prompt does not name (a distractor; every object for a negative "
+                                     "prompt), where a counter overcounts; needs all_points in the annotations "
+                                     "(1: the plain BCE)")
     class_loss: float = arg(0.0, "weight of an auxiliary loss: every image token holding an uncounted object predicts "
                             "the object's class among the training split's classes (0: off)")
     target_strategy: str = arg("reading_order", "which object is 'next': reading_order (single target, "
@@ -142,6 +146,10 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
         errors.append(f"--near_done_fraction must be in [0, 1], got {cfg.near_done_fraction}")
     if cfg.object_map_focal < 0 or cfg.class_loss < 0:
         errors.append("--object_map_focal and --class_loss must be >= 0")
+    if cfg.other_object_weight <= 0:
+        errors.append(f"--other_object_weight must be > 0, got {cfg.other_object_weight}")
+    if cfg.other_object_weight != 1 and cfg.pointing != "token":
+        errors.append("--other_object_weight needs --pointing token (it weights the object map over image tokens)")
     if cfg.class_loss > 0 and cfg.pointing != "token":
         errors.append("--class_loss needs --pointing token (it reads the image tokens)")
     if not 0 <= cfg.mark_size_jitter < 1 or not 0 <= cfg.negative_prompts <= 1:
@@ -238,7 +246,8 @@ def step_mode(step: int) -> str:
 
 def loss_weights(cfg: TrainConfig) -> LossWeights:
     """The loss terms' weights the training config sets."""
-    return LossWeights(object_map_focal=cfg.object_map_focal, classes=cfg.class_loss)
+    return LossWeights(object_map_focal=cfg.object_map_focal, other_objects=cfg.other_object_weight,
+                       classes=cfg.class_loss)
 
 
 def state_loss(outputs: dict, batch, device, parts: dict | None = None, weights: LossWeights | None = None,
@@ -250,7 +259,7 @@ def state_loss(outputs: dict, batch, device, parts: dict | None = None, weights:
                         batch.mode, remaining=batch.remaining, parts=parts,
                         object_sizes=torch.tensor(batch.object_sizes, device=device),
                         image_sizes=torch.tensor(batch.sizes, dtype=torch.float32, device=device),
-                        class_ids=class_ids, weights=weights)
+                        class_ids=class_ids, weights=weights, others=batch.others or None)
 
 
 def batch_loss(model, batch, device, parts: dict | None = None, weights: LossWeights | None = None

@@ -243,6 +243,22 @@ def test_remaining_never_holds_another_class_s_object():
                 remaining = {tuple(p) for p in np.round(batch.remaining[0], 5)}
                 assert not remaining & distractors and len(remaining) == 3 - k
                 assert batch.num_objects == [3]
+                assert {tuple(p) for p in np.round(batch.others[0], 5)} == distractors  # the hard negatives
+
+
+def test_other_objects_are_every_object_for_a_negative_prompt():
+    named = [[20, 20], [100, 20], [180, 20]]
+    sample = make_sample(named)
+    sample.all_points = np.array(named + [[60, 70]], dtype=np.float32)
+    sample.other_classes = ("blue squares",)
+    rng = np.random.default_rng(3)
+    batch = prepare_batch([sample, sample], "cls", rng, negatives=1.0, class_pool=["red circles", "green stars"])
+    for done, others in zip(batch.done, batch.others):  # one done state (names green stars), one not
+        assert len(others) == (4 if done else 1)  # the prompt names none of the four objects, or misses one
+    without = make_sample(named)  # no all_points: no known other object, but a negative prompt's objects are
+    batch = prepare_batch([without, without], "cls", np.random.default_rng(3), negatives=1.0,
+                          class_pool=["red circles", "green stars"])
+    assert sorted(len(o) for o in batch.others) == [0, 3]
 
 
 def test_negative_prompts_name_an_absent_class_with_nothing_to_count():

@@ -193,6 +193,16 @@ def test_object_map_loss_by_hand():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_other_objects_weigh_their_tokens_in_the_object_map_loss_by_hand():
+    outputs = {**GRID, "object_logits": torch.zeros(1, 4)}  # every token's BCE is log 2
+    remaining = [np.array([[-0.4, -0.6]])]  # a named object in token 0
+    others = [np.array([[0.6, -0.4], [-0.6, -0.4]])]  # objects of another class in token 1 and in token 0
+    # token 1 weighs 3; token 0 holds a named object too, so it stays a positive of weight 1: (1 + 3 + 1 + 1) / 4
+    loss = object_map_loss(outputs, remaining, others=others, other_weight=3.0)
+    assert loss.item() == pytest.approx(np.log(2.0) * 6 / 4, rel=1e-6)
+    assert object_map_loss(outputs, remaining, others=others).item() == pytest.approx(np.log(2.0), rel=1e-6)
+
+
 def test_focal_object_map_loss_weights_hard_tokens_by_hand():
     outputs = {**GRID, "object_logits": torch.tensor([[2.0, -2.0, 0.0, 3.0]])}
     remaining = [np.array([[-0.4, -0.6]])]  # token 0 holds an object: targets 1, 0, 0, 0

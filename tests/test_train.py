@@ -129,10 +129,12 @@ def test_class_loss_builds_a_class_head_over_the_training_classes_and_reloads(tm
 
     out = tmp_path / "cls"
     assert main(["--data_root", synth_root, "--model_name_or_path", tiny_model_dir, "--max_steps", "2",
-                 "--batch_size", "2", "--class_loss", "1.0", "--object_map_focal", "2", "--eval_every", "0",
+                 "--batch_size", "2", "--class_loss", "1.0", "--object_map_focal", "2", "--other_object_weight", "3",
+                 "--eval_every", "0",
                  "--eval_images", "0", "--eval_states", "2", "--num_workers", "0", "--wandb_mode", "disabled",
                  "--output_dir", str(out), "--min_pixels", "3136", "--max_pixels", "50176"]) == 0
     config = json.load(open(out / "config.json"))
+    assert float(config["other_object_weight"]) == 3.0
     train_classes = sorted({line.split("\t")[1].strip() for line in open(os.path.join(synth_root, "ImageClasses_FSC147.txt"))
                             if line.split("\t")[0] in json.load(open(os.path.join(synth_root, "Train_Test_Val_FSC_147.json")))["train"]})
     assert json.loads(config["class_vocabulary"]) == train_classes
