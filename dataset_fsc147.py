@@ -427,17 +427,24 @@ class CountingBatch:
         return len(self.ids)
 
 
-def other_points(sample: Sample, named: bool = True) -> np.ndarray:
-    """(D, 2) pixel points of the objects in `sample` the prompt does not name: `all_points` less the named class's
-    points (those within half a pixel of one), or, when the prompt names an absent class (named=False), every
-    object. Empty when the annotation lists no other objects."""
-    every = sample.all_points if sample.all_points is not None else np.zeros((0, 2), np.float32)
-    if not named:
-        return np.concatenate([sample.points, every], 0) if sample.all_points is None else every
-    if len(every) == 0 or len(sample.points) == 0:
+def unnamed_points(points: np.ndarray, all_points: np.ndarray) -> np.ndarray:
+    """(D, 2) the objects of `all_points` (every object, the named ones too) that are not at the place of one of
+    the named class's `points`: the other classes' objects."""
+    every, named = np.asarray(all_points).reshape(-1, 2), np.asarray(points).reshape(-1, 2)
+    if len(every) == 0 or len(named) == 0:
         return every
-    gap = np.linalg.norm(every[:, None] - sample.points[None], axis=-1).min(1)  # (A,)
-    return every[gap > 0.5]
+    return every[np.linalg.norm(every[:, None] - named[None], axis=-1).min(axis=1) > 1e-3]
+
+
+def other_points(sample: Sample, named: bool = True) -> np.ndarray:
+    """(D, 2) pixel points of the objects in `sample` the prompt does not name: the other classes' objects
+    (`unnamed_points`), or, when the prompt names an absent class (named=False), every object. Empty when the
+    annotation lists no other objects."""
+    if not named:
+        return sample.points if sample.all_points is None else sample.all_points
+    if sample.all_points is None:
+        return np.zeros((0, 2), np.float32)
+    return unnamed_points(sample.points, sample.all_points)
 
 
 def jitter_points(points: np.ndarray, scale: float, rng: np.random.Generator, width: int, height: int) -> np.ndarray:

@@ -45,7 +45,7 @@ from count_objects import (MAX_COUNT, PROTOCOLS, CountResult, CountSettings, bas
                            parse_points_per_step, points_per_step_errors)
 from tiles import parse_tiles, tiles_errors
 from cli import UsageError, arg, parse_config, write_json_atomic
-from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size
+from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size, unnamed_points
 from model_loading import load_checkpoint
 
 
@@ -141,8 +141,7 @@ def other_class_points(pred: np.ndarray, gt: np.ndarray, all_points: np.ndarray,
     class: the prompt's class confused with a neighbour's. `all_points` lists every object, the named ones too."""
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 2)
     gt, every = np.asarray(gt, dtype=np.float64).reshape(-1, 2), np.asarray(all_points, dtype=np.float64).reshape(-1, 2)
-    if len(gt):  # the other classes' objects: every object that is not (at the same place as) a named one
-        every = every[np.linalg.norm(every[:, None] - gt[None], axis=-1).min(axis=1) > 1e-3]
+    every = unnamed_points(gt, every)  # the other classes' objects
     spare = pred[~matched_mask(pred, gt, radius)]
     return match_points(spare, every, radius)
 
