@@ -59,6 +59,7 @@ from synthetic_fsc147 import COLOURS, SHAPES, SynthClass, SynthConfig, class_of,
 ALL_CLASSES: list[SynthClass] = [class_of(shape, colour) for colour in COLOURS for shape in SHAPES]  # 64
 COLOUR_INDEX = {c: i + 1 for i, c in enumerate(COLOURS)}  # 0: background
 SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}
+CLASS_BY_NAME = {c[0]: c for c in ALL_CLASSES}
 CLASS_PARTS = {name: (COLOUR_INDEX[colour], SHAPE_INDEX[shape]) for name, shape, colour in ALL_CLASSES}
 MAX_MARK_LABEL = 60  # marks show numbers 1..60, drawn in no order
 PROMPT = "Find the {class_name}."
@@ -84,6 +85,8 @@ class PretrainConfig:
     densities: str = arg("3,10,10,20,40", "per scene, the most objects of one class is drawn from this list (then 0 to "
                          "that many; sparse scenes have larger objects, a 224 px scene of 40 has objects under a token)")
     distractors: int = arg(3, "other classes per scene: 0 to this many")
+    confusers: float = arg(0.0, "share of scenes whose other classes share the named class's colour or shape, and "
+                           "whose absent query shares a present class's colour (hard negatives for shape; 0: any class)")
     probe: str = arg("", "cnn: train a small CNN on the per-token shape targets instead (prints its held-out shape "
                      "accuracy, saves nothing); empty: pretrain the stand-in")
     shape_weight: float = arg(5.0, "weight of the per-token shape loss in the sum (the others weigh 1; 1 learnt no shape)")
@@ -110,6 +113,8 @@ def validate(cfg: PretrainConfig) -> list[str]:
         errors.append("--shape_weight must be > 0")
     if not 0 < cfg.lr < 1 or cfg.minutes <= 0 or cfg.warmup_steps < 0:
         errors.append("--lr must be in (0, 1), --minutes > 0 and --warmup_steps >= 0")
+    if not 0 <= cfg.confusers <= 1:
+        errors.append(f"--confusers must be in [0, 1], got {cfg.confusers}")
     if cfg.image_size < 64 or not 0 <= cfg.mark_fraction <= 1 or cfg.distractors < 0:
         errors.append("need --image_size >= 64, --mark_fraction in [0, 1], --distractors >= 0")
     try:
@@ -159,17 +164,26 @@ def parse_densities(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def confuser_classes(named: SynthClass, classes: list[SynthClass]) -> list[SynthClass]:
+    """The classes other than `named` that share its colour or its shape (told apart only by the other)."""
+    return [c for c in classes if c != named and (c[1] == named[1] or c[2] == named[2])]
+
+
 def make_example(rng: np.random.Generator, cfg: PretrainConfig, classes: list[SynthClass],
-                 densities: list[int] | None = None) -> Example:
+                 densities: list[int] | None = None, confusers: float | None = None) -> Example:
     """A fresh scene of 0 to many objects of up to 1 + --distractors classes, maybe marked, and its query; the most
-    objects of a class drawn from `densities` (default --densities)."""
+    objects of a class drawn from `densities` (default --densities); with probability `confusers` (default
+    --confusers) a hard scene: the other classes share the named class's colour or shape."""
     named = classes[int(rng.integers(len(classes)))]
     most = int(rng.choice(densities or parse_densities(cfg.densities)))
+    share = cfg.confusers if confusers is None else confusers
+    # Drawn only when asked for, so that --confusers 0 keeps the default build's scenes draw for draw.
+    hard = share > 0 and bool(rng.random() < share)
     synth = SynthConfig(min_objects=0, max_objects=most, image_height=cfg.image_size, min_width=cfg.image_size,
                         max_width=round(1.25 * cfg.image_size), background=str(rng.choice(["plain", "textured"])),
                         distractors=int(rng.integers(0, cfg.distractors + 1)), distractor_objects=max(1, most // 2),
                         min_gap=float(rng.choice([1.0, 4.0])))
-    scene = synth_scene(rng, synth, named, classes)
+    scene = synth_scene(rng, synth, named, confuser_classes(named, classes) if hard else classes)
     image, marks, radius = scene.image, [], 0
     if rng.random() < cfg.mark_fraction:
         k = int(rng.integers(1, cfg.max_marks + 1))
@@ -185,6 +199,9 @@ def make_example(rng: np.random.Generator, cfg: PretrainConfig, classes: list[Sy
         query = sorted(present_names)[int(rng.integers(len(present_names)))]
     else:
         absent = [c[0] for c in classes if c[0] not in present_names]
+        if hard and present_names:  # an absent class that looks like a present one but for its shape or colour
+            near = {c[0] for name in present_names for c in confuser_classes(CLASS_BY_NAME[name], classes)}
+            absent = [name for name in absent if name in near] or absent
         query = absent[int(rng.integers(len(absent)))]
     return Example(image, scene.objects, marks, query, query in present_names, bool(rng.random() < 0.5), radius)
 
@@ -306,13 +323,24 @@ def add_class_scores(scores: Scores, out: dict, tgt: dict, prefix: str = "") -> 
     scores.add(f"{prefix}token_class_acc", ((colour == tgt["colour"]) & right_shape)[obj].sum(), obj.sum())
 
 
+def add_ground_scores(scores: Scores, out: dict, tgt: dict, prefix: str = "") -> None:
+    """The named class's tokens found (recall, precision) and its presence answered."""
+    ground, pos = out["ground"] > 0, tgt["ground"] > 0
+    scores.add(f"{prefix}ground_recall", (ground & pos).sum(), pos.sum())
+    scores.add(f"{prefix}ground_precision", (ground & pos).sum(), ground.sum())
+    scores.add(f"{prefix}present_acc", (out["present"] > 0) == bool(tgt["present"]), 1)
+
+
 def held_out_scenes(cfg: PretrainConfig, classes: list[SynthClass]) -> dict[str, list[Example]]:
     """The held-out scenes (other seeds than training's), by score prefix: "" at the default densities, "sparse_"
-    with at most 10 objects of a class (the benchmarks' sizes); --eval_images of each."""
+    with at most 10 objects of a class (the benchmarks' sizes), both without confusers whatever --confusers trains
+    on (comparable across builds), and "confuser_": sparse scenes whose other classes all share the named class's
+    colour or shape (bench-distractors' difficulty); --eval_images of each."""
     scenes = {}
-    for k, (prefix, densities) in enumerate((("", EVAL_DENSITIES), ("sparse_", SPARSE_DENSITIES))):
+    sets = (("", EVAL_DENSITIES, 0.0), ("sparse_", SPARSE_DENSITIES, 0.0), ("confuser_", SPARSE_DENSITIES, 1.0))
+    for k, (prefix, densities, confusers) in enumerate(sets):
         rng = np.random.default_rng(cfg.seed + (k + 1) * EVAL_SEED_OFFSET)
-        scenes[prefix] = [make_example(rng, cfg, classes, densities) for _ in range(cfg.eval_images)]
+        scenes[prefix] = [make_example(rng, cfg, classes, densities, confusers) for _ in range(cfg.eval_images)]
     return scenes
 
 
@@ -322,14 +350,17 @@ def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
     per-token colour, shape and class (both right) accuracy on object tokens (and shape and class on as many sparse
     scenes, `sparse_`: at most 10 objects of a class, the benchmarks' sizes), background kept as background, marks
     found (recall) and seen where none is (false alarms), numbers read on mark tokens, the named class's tokens
-    found, presence answered."""
+    found, presence answered; and class, grounding and presence on sparse scenes of confusers (`confuser_`)."""
     backbone.eval()
     scores = Scores()
     scenes = held_out_scenes(cfg, classes)
-    examples, sparse = scenes[""], scenes["sparse_"]
-    for start in range(0, len(sparse), cfg.batch_size):  # class recognition where objects are the benchmarks' size
-        for out, tgt in forward(backbone, heads, processor, sparse[start:start + cfg.batch_size]):
-            add_class_scores(scores, out, tgt, "sparse_")
+    examples = scenes[""]
+    for prefix in ("sparse_", "confuser_"):  # class recognition where objects are the benchmarks' size
+        for start in range(0, len(scenes[prefix]), cfg.batch_size):
+            for out, tgt in forward(backbone, heads, processor, scenes[prefix][start:start + cfg.batch_size]):
+                add_class_scores(scores, out, tgt, prefix)
+                if prefix == "confuser_":
+                    add_ground_scores(scores, out, tgt, prefix)
     for start in range(0, len(examples), cfg.batch_size):
         for out, tgt in forward(backbone, heads, processor, examples[start:start + cfg.batch_size]):
             colour, shape, obj = out["colour"].argmax(-1), out["shape"].argmax(-1), tgt["colour"] > 0
@@ -341,14 +372,12 @@ def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
             scores.add("mark_false_alarm", (found & ~marked).sum(), (~marked).sum())
             number = out["number"].argmax(-1) + 1
             scores.add("mark_number_acc", (number[marked] == tgt["mark"][marked]).sum(), marked.sum())
-            ground, pos = out["ground"] > 0, tgt["ground"] > 0
-            scores.add("ground_recall", (ground & pos).sum(), pos.sum())
-            scores.add("ground_precision", (ground & pos).sum(), ground.sum())
-            scores.add("present_acc", (out["present"] > 0) == bool(tgt["present"]), 1)
+            add_ground_scores(scores, out, tgt)
     backbone.train()
     result = scores.result()
-    p, r = result.get("ground_precision"), result.get("ground_recall")
-    result["ground_f1"] = 2 * p * r / (p + r) if p and r else 0.0
+    for prefix in ("", "confuser_"):
+        p, r = result.get(f"{prefix}ground_precision"), result.get(f"{prefix}ground_recall")
+        result[f"{prefix}ground_f1"] = 2 * p * r / (p + r) if p and r else 0.0
     return result
 
 

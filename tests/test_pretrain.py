@@ -97,6 +97,33 @@ def test_shape_weight_scales_only_the_shape_loss():
     assert float(terms["ground"]) == pytest.approx(np.log(2), rel=1e-5)
 
 
+def test_confusers_share_a_colour_or_a_shape_with_the_named_class():
+    """Red stars' confusers are the 7 other red classes and the 7 other stars (14, by hand); with --confusers 1
+    every scene's absent query looks like a present class but for its colour or its shape, and the scenes'
+    classes are the named one's confusers (at most one class, the named one, outside a confuser pair)."""
+    red_stars = pt.CLASS_BY_NAME["red stars"]
+    confusers = pt.confuser_classes(red_stars, pt.ALL_CLASSES)
+    assert len(confusers) == 14 and red_stars not in confusers
+    assert all((c[2] == "red") != (c[1] == "star") for c in confusers)
+    cfg = pt.PretrainConfig(confusers=1.0)
+    rng = np.random.default_rng(3)
+    absent_checked = mixed = 0
+    for _ in range(60):
+        example = pt.make_example(rng, cfg, pt.ALL_CLASSES, [10])
+        present = [pt.CLASS_BY_NAME[name] for name in {o[3] for o in example.objects}]
+        if not example.present and present:
+            query = pt.CLASS_BY_NAME[example.query]
+            assert any(query in pt.confuser_classes(c, pt.ALL_CLASSES) for c in present), example.query
+            absent_checked += 1
+        # Some class (the named one, maybe with no object drawn) has every present class as itself or a confuser.
+        assert any(all(b == a or b in pt.confuser_classes(a, pt.ALL_CLASSES) for b in present)
+                   for a in pt.ALL_CLASSES), sorted(c[0] for c in present)
+        mixed += len(present) >= 3
+    assert absent_checked >= 10 and mixed >= 5
+    with pytest.raises(SystemExit):
+        pt.main(["--confusers", "1.5"])
+
+
 def test_the_cnn_probe_reads_the_stand_ins_token_grid():
     """A 112 x 84 image is 4 x 3 tokens of 28 px: the probe's input is 4 x 3 cells of 32 px, its targets the
     stand-in's per-token shapes (the ring at (56, 42), radius 20, covers the centres of tokens (1, 1) and (1, 2)),
