@@ -86,7 +86,8 @@ class PretrainConfig:
                          "that many; sparse scenes have larger objects, a 224 px scene of 40 has objects under a token)")
     distractors: int = arg(3, "other classes per scene: 0 to this many")
     confusers: float = arg(0.0, "share of scenes whose other classes share the named class's colour or shape, and "
-                           "whose absent query shares a present class's colour (hard negatives for shape; 0: any class)")
+                           "whose absent query looks like a present class but for one part (hard negatives; 0: any class; "
+                           "0.5 lowered every held-out score, RESULTS.md 1d)")
     probe: str = arg("", "cnn: train a small CNN on the per-token shape targets instead (prints its held-out shape "
                      "accuracy, saves nothing); empty: pretrain the stand-in")
     shape_weight: float = arg(5.0, "weight of the per-token shape loss in the sum (the others weigh 1; 1 learnt no shape)")
