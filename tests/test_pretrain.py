@@ -99,8 +99,8 @@ def test_shape_weight_scales_only_the_shape_loss():
 
 def test_confusers_share_a_colour_or_a_shape_with_the_named_class():
     """Red stars' confusers are the 7 other red classes and the 7 other stars (14, by hand); with --confusers 1
-    every scene's absent query looks like a present class but for its colour or its shape, and the scenes'
-    classes are the named one's confusers (at most one class, the named one, outside a confuser pair)."""
+    every scene's absent query looks like a present class but for its colour or its shape, and every class in a
+    scene is one class (the named one) or one of its confusers."""
     red_stars = pt.CLASS_BY_NAME["red stars"]
     confusers = pt.confuser_classes(red_stars, pt.ALL_CLASSES)
     assert len(confusers) == 14 and red_stars not in confusers
