@@ -21,6 +21,8 @@ hidden states (the heads are dropped afterwards; only the backbone is saved):
            shows that class, from the prompt's last token (binary cross-entropy), as a pointer would
   present  is the named class in the image (binary cross-entropy on the prompt's last token)
 
+--vision_heads W adds colour and shape heads on the vision tower's output (the merged image tokens), weight W.
+
 Never in a target: a count or a number of objects, marks on objects in counting or reading order, done.
 `tests/test_pretrain.py` checks both on generated batches.
 
@@ -91,6 +93,10 @@ class PretrainConfig:
     probe: str = arg("", "cnn: train a small CNN on the per-token shape targets instead (prints its held-out shape "
                      "accuracy, saves nothing); empty: pretrain the stand-in")
     shape_weight: float = arg(5.0, "weight of the per-token shape loss in the sum (the others weigh 1; 1 learnt no shape)")
+    vision_heads: float = arg(0.0, "weight of a second pair of colour and shape losses read straight from the vision "
+                              "tower's output (the merged image tokens the language model receives; the shape one "
+                              "times --shape_weight): supervises the part the README's LoRA recipe freezes; 0: none "
+                              "(1 did not raise shape at 1,000 steps, RESULTS.md 1d)")
     mark_fraction: float = arg(0.6, "share of scenes with random numbered marks drawn on them")
     max_marks: int = arg(12, "most marks on a scene")
     eval_images: int = arg(200, "held-out scenes scored at the end")
@@ -112,6 +118,8 @@ def validate(cfg: PretrainConfig) -> list[str]:
         errors.append(f"--probe must be cnn or empty, got {cfg.probe!r}")
     if cfg.shape_weight <= 0:
         errors.append("--shape_weight must be > 0")
+    if cfg.vision_heads < 0:
+        errors.append(f"--vision_heads must be >= 0, got {cfg.vision_heads}")
     if not 0 < cfg.lr < 1 or cfg.minutes <= 0 or cfg.warmup_steps < 0:
         errors.append("--lr must be in (0, 1), --minutes > 0 and --warmup_steps >= 0")
     if not 0 <= cfg.confusers <= 1:
@@ -242,7 +250,7 @@ def token_targets(example: Example, rows: int, cols: int) -> dict[str, torch.Ten
 class PretrainHeads(nn.Module):
     """The pretraining objectives' heads on the backbone's last hidden states (dropped after pretraining)."""
 
-    def __init__(self, hidden: int, key_dim: int = 64):
+    def __init__(self, hidden: int, key_dim: int = 64, vision: bool = False):
         super().__init__()
         self.colour_head = nn.Linear(hidden, len(COLOURS) + 1)  # background + every colour
         self.shape_head = nn.Linear(hidden, len(SHAPES) + 1)  # background + every shape
@@ -252,13 +260,22 @@ class PretrainHeads(nn.Module):
         self.key = nn.Linear(hidden, key_dim)  # each image token -> what it shows
         self.present_head = nn.Linear(hidden, 1)
         self.scale = 1.0 / math.sqrt(key_dim)
+        self.vision = vision
+        if vision:  # created only when asked for, so that the default build's heads start from the same draws
+            self.vision_colour_head = nn.Linear(hidden, len(COLOURS) + 1)
+            self.vision_shape_head = nn.Linear(hidden, len(SHAPES) + 1)
 
-    def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens (N, H) of one image, last (H,) -> colour (N, 9), shape (N, 9), mark (N,), number (N, 60),
-        ground (N,), present ()."""
-        return {"colour": self.colour_head(tokens), "shape": self.shape_head(tokens),
-                "mark": self.mark_head(tokens)[:, 0], "number": self.number_head(tokens),
-                "ground": self.key(tokens) @ self.query(last) * self.scale, "present": self.present_head(last)[0]}
+    def forward(self, tokens: torch.Tensor, last: torch.Tensor,
+                visual: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """tokens (N, H) of one image, last (H,), visual (N, H) the vision tower's merged output for the same tokens
+        (with vision heads) -> colour (N, 9), shape (N, 9), mark (N,), number (N, 60), ground (N,), present (), and
+        vision_colour, vision_shape (N, 9)."""
+        out = {"colour": self.colour_head(tokens), "shape": self.shape_head(tokens),
+               "mark": self.mark_head(tokens)[:, 0], "number": self.number_head(tokens),
+               "ground": self.key(tokens) @ self.query(last) * self.scale, "present": self.present_head(last)[0]}
+        if self.vision and visual is not None:
+            out |= {"vision_colour": self.vision_colour_head(visual), "vision_shape": self.vision_shape_head(visual)}
+        return out
 
 
 def prompt_text(processor, example: Example) -> str:
@@ -271,23 +288,37 @@ def forward(backbone, heads: PretrainHeads, processor, examples: list[Example]):
     """Outputs and targets per example: [(outputs, targets)]."""
     inputs = processor(text=[prompt_text(processor, e) for e in examples], images=[e.image for e in examples],
                        return_tensors="pt", padding=True)
-    hidden = backbone.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    captured = []  # the vision tower's merged output, (sum N_i, H) in the images' order
+    hook = (backbone.model.visual.register_forward_hook(lambda m, a, out: captured.append(out.pooler_output))
+            if heads.vision else None)
+    try:
+        hidden = backbone.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    finally:
+        if hook is not None:
+            hook.remove()
+    merge = backbone.config.vision_config.spatial_merge_size
+    sizes = (inputs["image_grid_thw"].prod(-1) // merge**2).tolist()
+    visual = torch.split(captured[0], sizes) if captured else [None] * len(examples)
     mask = inputs["attention_mask"]  # (B, T)
     last = (mask * torch.arange(mask.shape[1])).argmax(1)  # the prompt's last token, whichever side is padded
-    merge = backbone.config.vision_config.spatial_merge_size
     pairs = []
     for i, example in enumerate(examples):
         tokens = hidden[i, inputs["input_ids"][i] == backbone.config.image_token_id]  # (N_i, H)
         _, h, w = (int(v) for v in inputs["image_grid_thw"][i])
         targets = token_targets(example, h // merge, w // merge)
-        pairs.append((heads(tokens, hidden[i, last[i]]), targets))
+        pairs.append((heads(tokens, hidden[i, last[i]], visual[i]), targets))
     return pairs
 
 
-def losses(pairs, shape_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """Each objective's loss, averaged over the examples (the shape loss times shape_weight)."""
+def losses(pairs, shape_weight: float = 1.0, vision_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Each objective's loss, averaged over the examples (the shape loss times shape_weight; with vision heads, their
+    colour loss plus shape_weight times their shape loss, times vision_weight, as "vision")."""
     terms = {"colour": 0.0, "shape": 0.0, "mark": 0.0, "number": 0.0, "ground": 0.0, "present": 0.0}
     for out, tgt in pairs:
+        if "vision_colour" in out:
+            terms["vision"] = terms.get("vision", 0.0) + vision_weight * (
+                F.cross_entropy(out["vision_colour"], tgt["colour"])
+                + shape_weight * F.cross_entropy(out["vision_shape"], tgt["shape"]))
         terms["colour"] = terms["colour"] + F.cross_entropy(out["colour"], tgt["colour"])
         terms["shape"] = terms["shape"] + shape_weight * F.cross_entropy(out["shape"], tgt["shape"])
         marked = tgt["mark"] > 0
@@ -360,6 +391,9 @@ def evaluate(cfg: PretrainConfig, backbone, heads, processor, classes) -> dict:
         for start in range(0, len(scenes[prefix]), cfg.batch_size):
             for out, tgt in forward(backbone, heads, processor, scenes[prefix][start:start + cfg.batch_size]):
                 add_class_scores(scores, out, tgt, prefix)
+                if "vision_shape" in out:  # what the vision tower alone tells (the part LoRA leaves frozen)
+                    add_class_scores(scores, {"colour": out["vision_colour"], "shape": out["vision_shape"]}, tgt,
+                                     f"vision_{prefix}")
                 if prefix == "confuser_":
                     add_ground_scores(scores, out, tgt, prefix)
     for start in range(0, len(examples), cfg.batch_size):
@@ -453,7 +487,7 @@ def build(cfg: PretrainConfig):
     processor = build_processor(tiny, tokenizer)
     torch.manual_seed(cfg.seed)
     backbone = build_model(tiny, tokenizer).train()
-    heads = PretrainHeads(backbone.config.text_config.hidden_size)
+    heads = PretrainHeads(backbone.config.text_config.hidden_size, vision=cfg.vision_heads > 0)
     return tiny, processor, backbone, heads
 
 
@@ -483,7 +517,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             stopped_by = f"--minutes {cfg.minutes} at step {step}"
             break
         examples = [make_example(rng, cfg, classes) for _ in range(cfg.batch_size)]
-        terms = losses(forward(backbone, heads, processor, examples), cfg.shape_weight)
+        terms = losses(forward(backbone, heads, processor, examples), cfg.shape_weight, cfg.vision_heads)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -97,6 +97,40 @@ def test_shape_weight_scales_only_the_shape_loss():
     assert float(terms["ground"]) == pytest.approx(np.log(2), rel=1e-5)
 
 
+def test_vision_heads_add_their_own_colour_and_shape_loss():
+    """Zero vision logits on 2 tokens: the vision term is vision_weight x (ln 9 + shape_weight x ln 9), by hand
+    2 x (1 + 3) ln 9; without vision outputs there is no vision term."""
+    zeros = {"colour": torch.zeros(2, 9), "shape": torch.zeros(2, 9), "mark": torch.zeros(2),
+             "number": torch.zeros(2, pt.MAX_MARK_LABEL), "ground": torch.zeros(2), "present": torch.tensor(0.0)}
+    tgt = {"colour": torch.tensor([0, 3]), "shape": torch.tensor([0, 5]), "mark": torch.tensor([0, 0]),
+           "ground": torch.tensor([0.0, 1.0]), "present": torch.tensor(1.0)}
+    out = zeros | {"vision_colour": torch.zeros(2, 9), "vision_shape": torch.zeros(2, 9)}
+    terms = pt.losses([(out, tgt)], shape_weight=3.0, vision_weight=2.0)
+    assert float(terms["vision"]) == pytest.approx(2 * 4 * np.log(9), rel=1e-5)
+    assert float(terms["shape"]) == pytest.approx(3 * np.log(9), rel=1e-5)
+    assert "vision" not in pt.losses([(zeros, tgt)], shape_weight=3.0, vision_weight=2.0)
+    with pytest.raises(SystemExit):
+        pt.main(["--vision_heads", "-1"])
+
+
+def test_vision_heads_read_the_vision_towers_merged_tokens():
+    """With vision heads the forward pass returns one vision row per image token, computed from the vision tower's
+    merged output (the language model's image embeddings), not from the last hidden states."""
+    cfg = pt.PretrainConfig(vision_heads=1.0, out="/tmp/unused")
+    _, processor, backbone, heads = pt.build(cfg)
+    examples = generated(2)
+    pairs = pt.forward(backbone, heads, processor, examples)
+    captured = []
+    hook = backbone.model.visual.register_forward_hook(lambda m, a, o: captured.append(o.pooler_output))
+    pt.forward(backbone, pt.PretrainHeads(backbone.config.text_config.hidden_size), processor, examples)
+    hook.remove()
+    first = captured[0][: len(pairs[0][1]["colour"])]
+    for out, tgt in pairs:
+        assert out["vision_shape"].shape == out["shape"].shape == (len(tgt["shape"]), len(SHAPES) + 1)
+    assert torch.allclose(pairs[0][0]["vision_shape"], heads.vision_shape_head(first), atol=1e-5)
+    assert "vision_shape" not in pt.forward(backbone, pt.PretrainHeads(128), processor, examples)[0][0]
+
+
 def test_confusers_share_a_colour_or_a_shape_with_the_named_class():
     """Red stars' confusers are the 7 other red classes and the 7 other stars (14, by hand); with --confusers 1
     every scene's absent query looks like a present class but for its colour or its shape, and every class in a
