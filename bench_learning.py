@@ -91,6 +91,9 @@ class BenchConfig:
     image_size: int = arg(112, "synthetic image height; widths are drawn in [size, 1.25 * size]")
     max_image_size: int = arg(0, "heights drawn in [--image_size, this] (widths in [--image_size, 1.25 x this]; 0: "
                               "every image --image_size high)")
+    pixel_scale: float = arg(1.0, "the processor encodes every image at this many times its size (min_pixels = "
+                             "(scale x side)^2): 2 gives a 224 px image 4x the image tokens, so objects of half a token "
+                             "in dense scenes become a token wide (cost: ~4x the tokens per forward)")
     num_classes: int = arg(0, "object classes (shape + colour) of --class_split shared or disjoint (0: 6); compositional "
                            "uses the whole --num_colours x --num_colours grid (leave this at 0)")
     num_colours: int = arg(6, "with --class_split compositional: colours and shapes of the grid")
@@ -188,6 +191,8 @@ def validate(cfg: BenchConfig) -> list[str]:
     errors += backbone_errors(cfg)
     if cfg.background not in ("textured", "plain"):
         errors.append(f"--background must be textured or plain, got {cfg.background!r}")
+    if not 0.25 <= cfg.pixel_scale <= 4:
+        errors.append(f"--pixel_scale must be in [0.25, 4], got {cfg.pixel_scale}")
     if not parse_variants(cfg.protocol) or any(p not in PROTOCOLS for p in parse_variants(cfg.protocol)):
         errors.append(f"--protocol must list some of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     errors += validate_synth(synth_config(cfg))
@@ -299,9 +304,9 @@ def beyond_range(cfg) -> tuple[int, int]:
 
 
 def processor_side(cfg: BenchConfig) -> int:
-    """Image side the processor resizes to: the largest --image_size rounded up to Qwen2-VL's 28-pixel merged
-    patches (max_pixels is twice its square, so no image is shrunk)."""
-    return 28 * math.ceil(max(cfg.image_size, cfg.max_image_size) / 28)
+    """Image side the processor resizes to: the largest --image_size times --pixel_scale, rounded up to Qwen2-VL's
+    28-pixel merged patches (max_pixels is twice its square, so no image is shrunk)."""
+    return 28 * math.ceil(cfg.pixel_scale * max(cfg.image_size, cfg.max_image_size) / 28)
 
 
 def synth_config(cfg: BenchConfig) -> SynthConfig:

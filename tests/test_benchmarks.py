@@ -115,6 +115,22 @@ def test_bench_learning_trains_the_attention_model_once_per_module_set(tmp_path)
     assert "| attention-token | memory+foveation | random | full |" in table and "| simple-token | - | random |" in table
 
 
+def test_pixel_scale_sets_the_processors_resolution(capsys):
+    """--image_size 224 at --pixel_scale 2: the processor's side is 448 (16 tokens of 28 px), so min_pixels is
+    448^2 = 200,704 and max_pixels twice that in every run's training config; at scale 1 it is 224^2 = 50,176;
+    112 px at 1.5 is 168 (6 tokens)."""
+    scaled = bench_learning.BenchConfig(image_size=224, pixel_scale=2.0)
+    assert bench_learning.processor_side(scaled) == 448
+    run = bench_learning.train_config(scaled, "simple-token", "data", "model")
+    assert (run.min_pixels, run.max_pixels) == (200_704, 401_408)
+    assert bench_learning.train_config(bench_learning.BenchConfig(image_size=224), "simple-token", "data",
+                                       "model").min_pixels == 50_176
+    assert bench_learning.processor_side(bench_learning.BenchConfig(image_size=112, pixel_scale=1.5)) == 168
+    with pytest.raises(SystemExit):
+        bench_learning.main(["--pixel_scale", "8"])
+    assert "--pixel_scale must be in [0.25, 4]" in capsys.readouterr().err
+
+
 def test_bench_learning_rejects_unknown_variants(capsys):
     with pytest.raises(SystemExit):
         bench_learning.main(["--variants", "mean,transformer", "--steps", "0", "--attention_modules", "memory+lstm"])
