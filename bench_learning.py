@@ -501,6 +501,10 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
     return rows
 
 
+class BenchStopped(Exception):
+    """A variant's training was stopped by a signal: the benchmark stops, no table of a shorter run is written."""
+
+
 def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, tests: dict[str, FSC147Dataset],
                 backbone: str, finetune: str, modules: str = "") -> list[dict]:
     """Train one variant (with one attention-module set) on one backbone, then count the test split with its
@@ -516,6 +520,9 @@ def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, 
     except (UsageError, RuntimeError, ValueError) as e:  # a failed variant is a result too
         return [{**which, "status": f"failed: {type(e).__name__}: {e}"}]
     train_s = time.perf_counter() - start
+    if summary.get("interrupted"):  # Ctrl-C or SIGTERM: the user stops the benchmark, not just this variant
+        raise BenchStopped(f"{which['run_dir']}: training stopped by {summary['interrupted']} at step "
+                           f"{summary['steps']} of {cfg.steps} (checkpoint saved in {tcfg.output_dir})")
     checkpoint = os.path.join(tcfg.output_dir, "checkpoint-best")
     if not os.path.isdir(checkpoint):
         checkpoint = os.path.join(tcfg.output_dir, "checkpoint-last")
@@ -660,6 +667,10 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BenchStopped as e:
+        print(f"\nstopped: {e}. No results.json or results.md written for this run; the rows finished before it are "
+              "printed above.", file=sys.stderr)
+        return 130
     report = {"config": asdict(cfg), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "cpu_threads": _threads(), "results": results}
     write_json_atomic(os.path.join(cfg.output_dir, "results.json"), report)

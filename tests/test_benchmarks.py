@@ -131,6 +131,26 @@ def test_pixel_scale_sets_the_processors_resolution(capsys):
     assert "--pixel_scale must be in [0.25, 4]" in capsys.readouterr().err
 
 
+def test_a_signal_during_training_stops_the_benchmark(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a variant's training (train returns interrupted) ends the benchmark with exit code 130 and writes
+    no results table of the shortened run; the next variant is not trained."""
+    import train_sequential_attention as train_mod
+
+    calls = []
+
+    def interrupted(cfg):
+        calls.append(cfg.output_dir)
+        return {"steps": 1, "interrupted": "SIGINT", "checkpoint": None}
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    out = tmp_path / "bench"
+    assert bench_learning.main(["--output_dir", str(out), "--variants", "mean,simple,simple-token", "--steps", "4",
+                                "--num_images", "25", "--max_objects", "3", "--test_images", "3"]) == 130
+    assert len(calls) == 1 and not (out / "results.json").exists()
+    err = capsys.readouterr().err
+    assert "simple_random_lora4bit: training stopped by SIGINT at step 1 of 4" in err
+
+
 def test_bench_learning_rejects_unknown_variants(capsys):
     with pytest.raises(SystemExit):
         bench_learning.main(["--variants", "mean,transformer", "--steps", "0", "--attention_modules", "memory+lstm"])
