@@ -288,25 +288,20 @@ def forward(backbone, heads: PretrainHeads, processor, examples: list[Example]):
     """Outputs and targets per example: [(outputs, targets)]."""
     inputs = processor(text=[prompt_text(processor, e) for e in examples], images=[e.image for e in examples],
                        return_tensors="pt", padding=True)
-    captured = []  # the vision tower's merged output, (sum N_i, H) in the images' order
-    hook = (backbone.model.visual.register_forward_hook(lambda m, a, out: captured.append(out.pooler_output))
-            if heads.vision else None)
-    try:
-        hidden = backbone.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    finally:
-        if hook is not None:
-            hook.remove()
-    merge = backbone.config.vision_config.spatial_merge_size
-    sizes = (inputs["image_grid_thw"].prod(-1) // merge**2).tolist()
-    visual = torch.split(captured[0], sizes) if captured else [None] * len(examples)
+    output = backbone.model(**inputs, use_cache=False, output_hidden_states=heads.vision)
+    hidden = output.last_hidden_state  # (B, T, H)
+    # The language model's input embeddings: at the image tokens, the vision tower's merged output.
+    embedded = output.hidden_states[0] if heads.vision else None  # (B, T, H)
     mask = inputs["attention_mask"]  # (B, T)
     last = (mask * torch.arange(mask.shape[1])).argmax(1)  # the prompt's last token, whichever side is padded
+    merge = backbone.config.vision_config.spatial_merge_size
     pairs = []
     for i, example in enumerate(examples):
-        tokens = hidden[i, inputs["input_ids"][i] == backbone.config.image_token_id]  # (N_i, H)
+        image = inputs["input_ids"][i] == backbone.config.image_token_id  # (T,)
         _, h, w = (int(v) for v in inputs["image_grid_thw"][i])
         targets = token_targets(example, h // merge, w // merge)
-        pairs.append((heads(tokens, hidden[i, last[i]], visual[i]), targets))
+        visual = embedded[i, image] if embedded is not None else None  # (N_i, H)
+        pairs.append((heads(hidden[i, image], hidden[i, last[i]], visual), targets))
     return pairs
 
 
