@@ -459,7 +459,7 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
     from model_loading import load_checkpoint
     from train_sequential_attention import evaluate, fixed_val_batches
 
-    model, _ = load_checkpoint(checkpoint, device="cpu")
+    model, trained = load_checkpoint(checkpoint, device="cpu")
     val = FSC147Dataset(data_root, "val")
     # Done accuracy and |xy error| on 64 val images' counting states, marks sized from the exemplar boxes as in
     # training: one figure per variant, whatever the protocol of the counting rows below.
@@ -467,7 +467,8 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
     rows = []
     for protocol in parse_variants(cfg.protocol):
         def count(ds, t, mode, bar, tiles="1", max_count=cfg.max_count):
-            settings = CountSettings(8, t, max_count, protocol, parse_points_per_step(mode), tiles=parse_tiles(tiles))
+            settings = CountSettings(8, t, max_count, protocol, parse_points_per_step(mode), tiles=parse_tiles(tiles),
+                                     object_tokens=trained.object_tokens)
             return count_dataset(model, ds, settings, max_images=cfg.test_images, progress=bar)
 
         threshold, val_maes = cfg.done_threshold, {}
@@ -496,7 +497,7 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
                                                 "points_on_other_class", "n_points_on_other_class", "per_class")
                        if counting.get(k) is not None},
                     "val_states_done_acc": states["val/done_acc"], "val_states_xy_abs_err": states["val/xy_abs_err"],
-                    "done_threshold": threshold, "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
+                    "done_threshold": threshold, "object_tokens": trained.object_tokens, "val_mae_per_threshold": {str(t): m for t, m in val_maes.items()},
                 })
     return rows
 

@@ -14,7 +14,8 @@ the model, stop if sigmoid(done) > --done_threshold, else add the predicted (x, 
                        image), or a radius in pixels (--mark_radius).
 Dense images (objects much smaller than an image token): --tiles N counts on N x N overlapping crops, each
 resized to the whole image's pixel count, and merges their points (tiles.py); --tiles auto chooses N per image
-from the model's own size estimate at a first forward.
+from the model's own size estimate at a first forward, against the objects' width it trained on (its checkpoint's
+object_tokens).
     python count_objects.py --checkpoint RUN/checkpoint-best --image crowd.jpg --class_name "people" --tiles auto
 
 Prints the count and writes OUT_DIR/<image>_counted.png (numbered marks) and OUT_DIR/<image>_points.json
@@ -37,7 +38,7 @@ from cli import UsageError, arg, parse_config, parse_positive_or_auto
 from dataset_fsc147 import (MARK_TO_OBJECT, clip_points, denormalize_points, draw_marks, load_rgb, mark_radius,
                             normalize_points, radius_for_size)
 from model_loading import device_of, load_checkpoint
-from tiles import merge_tile_points, parse_tiles, tile_grid, tiles_errors, tiles_for_object_size
+from tiles import DEFAULT_OBJECT_TOKENS, merge_tile_points, parse_tiles, tile_grid, tiles_errors, tiles_for_object_size
 
 
 MAX_COUNT = 4000  # default cap on points per image: above FSC-147's densest image (3,731 objects)
@@ -55,6 +56,8 @@ class CountSettings:
     points_per_step: int = 1  # points committed per forward (0: every confident, well-separated one)
     duplicate_guard: bool = True  # points on counted objects are not counted; the loop re-chooses or stops
     tiles: int = 1  # N x N overlapping crops per image, each at the whole image's resolution (0: auto, tiles.py)
+    object_tokens: float = 0.0  # auto's aim: the training objects' width in tokens (the checkpoint's; 0: tiles.py's
+    #                             DEFAULT_OBJECT_TOKENS)
 
 
 def parse_points_per_step(text: str) -> int:
@@ -306,7 +309,7 @@ def count_images(model, images, class_names, settings: CountSettings, mark_radii
 
     Tiled, an image costs one `first_look` forward plus its crops' forwards (`steps`); every crop of every
     image is counted in one pass of the loop, so batches stay full."""
-    loop = {k: v for k, v in asdict(settings).items() if k != "tiles"}
+    loop = {k: v for k, v in asdict(settings).items() if k not in ("tiles", "object_tokens")}
     if settings.tiles == 1:
         return count_objects(model, images, class_names, progress=progress, mark_radii=mark_radii, **loop)
     text = settings.protocol == "text"
@@ -316,7 +319,7 @@ def count_images(model, images, class_names, settings: CountSettings, mark_radii
     looks = first_look(model, images, class_names, settings.batch_size, mark_radii)
     plans, crops, names, radii = [], [], [], []
     for i, (image, (size, token_px)) in enumerate(zip(images, looks)):
-        n = settings.tiles or tiles_for_object_size(size / token_px)
+        n = settings.tiles or tiles_for_object_size(size / token_px, settings.object_tokens or DEFAULT_OBJECT_TOKENS)
         tiles = tile_grid(*image.size, n, overlap=size)  # an object whose centre is in a core is whole in its crop
         scales = []
         for tile in tiles:
@@ -402,7 +405,8 @@ def main(argv=None) -> int:
         max_count: int = arg(MAX_COUNT, "stop after this many points")
         tiles: str = arg("1", "N: count on N x N overlapping crops, each at the whole image's resolution, points "
                          "merged so an object on a seam counts once (for objects much smaller than an image token); "
-                         "auto: the grid from the model's own estimate of the objects' size at a first forward")
+                         "auto: the grid from the model's own estimate of the objects' size at a first forward, "
+                         "zoomed toward the width of the objects it trained on (the checkpoint's object_tokens)")
         points_per_step: str = arg("1", "points committed per forward: 1, N, or auto (every confident, well-separated "
                                    "point)")
         device: str = arg("auto", "auto, cpu or cuda")
@@ -441,7 +445,7 @@ def main(argv=None) -> int:
             image = load_rgb(cfg.image, exif_orientation=True)  # as a viewer shows it: points in that frame
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read image {cfg.image!r}: {e}") from None
-        model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
+        model, trained = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -450,7 +454,7 @@ def main(argv=None) -> int:
         radii = [cfg.mark_radius or mark_radius(*image.size, parse_boxes(cfg.exemplar_boxes))]
     settings = CountSettings(batch_size=1, done_threshold=cfg.done_threshold, max_count=cfg.max_count,
                              protocol=cfg.protocol, points_per_step=parse_points_per_step(cfg.points_per_step),
-                             tiles=parse_tiles(cfg.tiles))
+                             tiles=parse_tiles(cfg.tiles), object_tokens=trained.object_tokens)
     result = count_images(model, [image], [cfg.class_name], settings, mark_radii=radii)[0]
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(cfg.image))[0]

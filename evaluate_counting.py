@@ -68,8 +68,9 @@ class EvalConfig:
                                 "the model's next candidate or stops the image (stopped_on_duplicates)")
     tiles: str = arg("1", "N: count each image on N x N overlapping crops at the whole image's resolution, points "
                      "merged so an object on a seam counts once (images denser than one encoding resolves); auto: N "
-                     "per image from the model's own size estimate at a first forward (never the ground truth); "
-                     "results.json records tiles and forwards_per_image per image")
+                     "per image from the model's own size estimate at a first forward, against the width of the "
+                     "objects it trained on (the checkpoint's object_tokens; never the ground truth); results.json "
+                     "records tiles and forwards_per_image per image")
     tune_threshold: str = arg("", "comma-separated done thresholds, e.g. 0.3,0.5,0.7,0.9: each is tried on "
                               "--tune_split, and --split is counted at the one with the lowest MAE there (results.json "
                               "records both); empty: --done_threshold")
@@ -394,15 +395,18 @@ def main(argv=None) -> int:
     cfg = parse_config(EvalConfig, argv, __doc__, validate_eval_config)
     try:
         dataset = FSC147Dataset(cfg.data_root, cfg.split)
-        model, _ = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
+        model, trained = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
         settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol,
-                                 parse_points_per_step(cfg.points_per_step), cfg.duplicate_guard, parse_tiles(cfg.tiles))
+                                 parse_points_per_step(cfg.points_per_step), cfg.duplicate_guard, parse_tiles(cfg.tiles),
+                                 object_tokens=trained.object_tokens)
         tuning = {}
         if cfg.tune_threshold:  # chosen on another split before a single image of this one is read
             threshold, tuning = choose_threshold(cfg, model, settings)
             settings = dataclasses.replace(settings, done_threshold=threshold)
         records, summary, samples, results = count_dataset(model, dataset, settings, cfg.max_images, cfg.match_radius)
         summary["done_threshold"] = settings.done_threshold
+        if settings.tiles == 0:  # what auto's grids were chosen against (0: the checkpoint recorded none)
+            summary["object_tokens"] = settings.object_tokens
         if tuning:
             summary["threshold_tuning"] = tuning
     except UsageError as e:

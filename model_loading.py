@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -51,6 +52,9 @@ class ModelConfig:
                              "(added, then GELU) or film (the query also scales the token's features)")
     class_vocabulary: str = arg("", "the classes of the auxiliary per-token class head, as a JSON list (set by "
                                 "training from its split when --class_loss > 0; saved with every checkpoint)")
+    object_tokens: float = arg(0.0, "the training images' median object width in image tokens (measured by "
+                               "training from its data when 0; saved with every checkpoint): --tiles auto zooms "
+                               "crops until the objects are about this wide")
     load_in_4bit: bool = arg(True, "4-bit NF4 backbone (double quantisation) + LoRA (QLoRA)")
     precision: str = arg("auto", "compute dtype of the backbone: auto (bf16 on GPU, fp32 on CPU, where bf16 matmuls "
                          "are emulated and 4x slower), bf16 or fp32. Heads, LoRA and weights that train in full keep "
@@ -107,6 +111,8 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not 0 < cfg.min_pixels <= cfg.max_pixels:
         errors.append("--min_pixels must be positive and <= --max_pixels")
+    if not (cfg.object_tokens >= 0 and math.isfinite(cfg.object_tokens)):
+        errors.append(f"--object_tokens must be >= 0 (0: measured by training), got {cfg.object_tokens}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         errors.append(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:

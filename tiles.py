@@ -14,7 +14,8 @@ of a point kept from another crop: an object on a seam is seen by two crops, whi
 little on the other's side.
 
 `auto` (`tiles_for_object_size`) decides from the model's own estimate of the objects' size in token widths, read
-at the first forward on the whole image: nothing about the image's ground truth is used.
+at the first forward on the whole image, against the width of the objects it trained on (`object_tokens`, which
+training measures on its own data and saves with the checkpoint): nothing about the image's ground truth is used.
 
 No torch, no I/O: the counting loop (count_objects.py) runs the model on the crops.
 """
@@ -28,7 +29,10 @@ import numpy as np
 
 from cli import parse_positive_or_auto
 
-AUTO_OBJECT_TOKENS = 1.0  # auto tiles until the objects are about this many tokens wide (training's objects: ~1)
+DEFAULT_OBJECT_TOKENS = 0.7  # auto's aim for checkpoints that did not record --object_tokens: bench-dense's
+#                              training objects at 224 px (19 px objects, 28-px tokens)
+ZOOM_MARGIN = 1.25  # auto tiles once the objects look this much smaller than training's (below, a zoom would
+#                     make them larger than training's: 2 x 2 on objects of training's width hurt, RESULTS 1c)
 MAX_AUTO_TILES = 4  # auto's largest grid side (16 crops): the cost grows as its square
 
 
@@ -53,13 +57,16 @@ def tiles_errors(text) -> list[str]:
         return [f"--tiles must be a positive number (N: N x N crops) or auto, got {text!r}"]
 
 
-def tiles_for_object_size(size_tokens: float, target: float = AUTO_OBJECT_TOKENS,
+def tiles_for_object_size(size_tokens: float, target: float = DEFAULT_OBJECT_TOKENS,
                           max_tiles: int = MAX_AUTO_TILES) -> int:
-    """auto: the grid side that makes objects estimated `size_tokens` token widths wide about `target` wide in
-    each crop (N x N crops each at the whole image's resolution enlarge objects N times), 1 to max_tiles."""
+    """auto: the grid side N (1 to max_tiles) for objects estimated `size_tokens` token widths wide, when the
+    model trained on objects `target` wide (the checkpoint's --object_tokens). N x N crops, each at the whole
+    image's resolution, enlarge objects N times; N = ceil(target / size_tokens - (ZOOM_MARGIN - 1)), so an image
+    is tiled 2 x 2 once its objects look 1.25x smaller than training's, 3 x 3 once 2.25x smaller, and so on.
+    The margin also absorbs the estimate's bias on images denser than training (1.35 to 1.5x the true size)."""
     if not math.isfinite(size_tokens) or size_tokens <= 0:
         return max_tiles
-    return int(min(max_tiles, max(1, round(target / size_tokens))))
+    return int(min(max_tiles, max(1, math.ceil(target / size_tokens - (ZOOM_MARGIN - 1)))))
 
 
 def tile_grid(width: int, height: int, n: int, overlap: float) -> list[Tile]:

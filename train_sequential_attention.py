@@ -39,7 +39,8 @@ import torch
 
 from cli import UsageError, arg, parse_config, write_json_atomic
 from count_objects import PROTOCOLS, CountSettings
-from dataset_fsc147 import TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImages, collate_samples, prepare_batch
+from dataset_fsc147 import (TARGET_STRATEGIES, FSC147Dataset, SyntheticTrainImages, collate_samples, object_size,
+                            prepare_batch)
 from checkpoints import TrainState, restore_training, resume_path, save_step_checkpoint, save_training_checkpoint
 from model_loading import ModelConfig, build_model, device_of, model_inputs, validate_model_config
 from model_sequential_simple import LossWeights, compute_loss
@@ -185,6 +186,27 @@ def build_data(cfg: TrainConfig):
         return SyntheticTrainImages(cfg.data_root), val
     train = FSC147Dataset(cfg.data_root, cfg.train_split, max_images=cfg.max_train_images)
     return train, val
+
+
+TOKEN_PIXELS = 28  # a merged image token's side in processed pixels (Qwen2-VL: 14-pixel patches, 2 x 2 merged)
+OBJECT_TOKEN_SAMPLES = 64  # training images measured for --object_tokens (evenly spaced over the split)
+
+
+def median_object_tokens(dataset, min_pixels: int, max_pixels: int, n: int = OBJECT_TOKEN_SAMPLES) -> float:
+    """The training objects' median width in image tokens: the typical exemplar-box size (`object_size`) of up to
+    `n` images spread over the dataset, in units of a merged token (28 processed pixels) after the processor's
+    resize. Counting with --tiles auto zooms crops of denser images until their objects are about this wide."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    widths = []
+    for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int):
+        sample = dataset[int(i)]
+        if sample is None:  # an unreadable image (counted by the dataset)
+            continue
+        width, height = sample.image.size
+        _, resized_width = smart_resize(height, width, TOKEN_PIXELS, min_pixels, max_pixels)
+        widths.append(object_size(sample.boxes, width, height) * resized_width / width / TOKEN_PIXELS)
+    return round(float(np.median(widths)), 4) if widths else 0.0
 
 
 def build_loader(cfg: TrainConfig, dataset, epoch: int, start_batch: int = 0, rank: int = 0,
@@ -381,6 +403,8 @@ def prepare_run(cfg: TrainConfig, rank: int, world: int):
     train_ds, val_ds = build_data(cfg)
     if cfg.class_loss and not cfg.class_vocabulary:  # the class head's classes, saved with the config
         cfg = dataclasses.replace(cfg, class_vocabulary=json.dumps(train_ds.class_names))
+    if not cfg.object_tokens:  # what --tiles auto aims crops at, saved with every checkpoint
+        cfg = dataclasses.replace(cfg, object_tokens=median_object_tokens(train_ds, cfg.min_pixels, cfg.max_pixels))
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json_atomic(os.path.join(cfg.output_dir, "config.json"), asdict(cfg))

@@ -59,7 +59,13 @@ def test_an_object_on_a_seam_is_counted_once():
 
 
 def test_auto_grid_from_the_estimated_size_by_hand():
-    assert [tiles_for_object_size(s) for s in (1.2, 0.7, 0.5, 0.3, 0.25, 0.05)] == [1, 1, 2, 3, 4, 4]
+    # N = ceil(target / size - 0.25), 1 to 4; the default target 0.7: 0.7 / 0.5 = 1.4 -> ceil(1.15) = 2,
+    # 0.7 / 0.25 = 2.8 -> ceil(2.55) = 3, 0.7 / 0.7 = 1 -> 1, 0.7 / 0.05 = 14 -> 4 (the largest grid).
+    assert [tiles_for_object_size(s) for s in (1.2, 0.7, 0.5, 0.3, 0.25, 0.05)] == [1, 1, 2, 3, 3, 4]
+    # A model trained on objects 1.28 tokens wide (bench-dense at --pixel_scale 2): 1.28 / 0.95 = 1.35 -> 2
+    # (1 under the default); objects of its own width -> 1; 1.28 / 0.5 = 2.56 -> 3; 1.28 / 0.4 = 3.2 -> 3.
+    assert [tiles_for_object_size(s, 1.28) for s in (0.95, 1.28, 0.5, 0.4)] == [2, 1, 3, 3]
+    assert tiles_for_object_size(0.95) == 1
     assert tiles_for_object_size(float("nan")) == 4 and tiles_for_object_size(0.0) == 4
     assert parse_tiles("auto") == 0 and parse_tiles("3") == 3
     with pytest.raises(ValueError):
@@ -183,9 +189,15 @@ def test_auto_tiles_read_no_ground_truth(tmp_path):
         assert by_id[0][name]["tiles"] == by_id[1][name]["tiles"]
         assert by_id[0][name]["points"] == by_id[1][name]["points"]
         assert by_id[0][name]["forwards_per_image"] == by_id[1][name]["forwards_per_image"]
-    # The grid follows the dots' size as the model sees it (hand: 30 px dots / 37.5 px tokens = 0.8 -> 1; 8 px -> 4).
-    assert by_id[0]["sparse.jpg"]["tiles"] == 1 and by_id[0]["dense.jpg"]["tiles"] == 4
+    # The grid follows the dots' size as the model sees it, against the default 0.7 tokens (hand: 30 px dots / 37.5
+    # px tokens = 0.8 -> ceil(0.875 - 0.25) = 1; the 8 px dots measure 8.8 px from their drawn area: 0.235 token ->
+    # ceil(2.98 - 0.25) = 3).
+    assert by_id[0]["sparse.jpg"]["tiles"] == 1 and by_id[0]["dense.jpg"]["tiles"] == 3
     assert by_id[0]["dense.jpg"]["pred_count"] == len(scenes["dense.jpg"][0])
+    # Against a model trained on objects 2.4 tokens wide (the checkpoint's object_tokens): 2.4 / 0.8 = 3 -> 3 x 3.
+    wide = count_dataset(DotFinder(), FSC147Dataset(truth, "test"), CountSettings(points_per_step=0, tiles=0,
+                                                                                 object_tokens=2.4), progress=False)[0]
+    assert {r["id"]: r["tiles"] for r in wide}["sparse.jpg"] == 3
 
 
 def test_evaluate_and_count_objects_on_tiles_with_the_tiny_model(trained_run, synth_root, tmp_path, capsys):
@@ -204,6 +216,12 @@ def test_evaluate_and_count_objects_on_tiles_with_the_tiny_model(trained_run, sy
         assert r["tiles"] == 2 and r["forwards_per_image"] == r["steps"] >= 5
         assert r["pred_count"] == len(r["points"]) <= 3
     assert results["summary"]["forwards_per_image"] == np.mean([r["steps"] for r in results["images"]])
+    # Training recorded the width of its objects in tokens; auto aims at it and says so in the summary.
+    trained = json.load(open(os.path.join(checkpoint, "config.json")))["object_tokens"]
+    assert trained > 0
+    assert eval_mod.main(["--checkpoint", checkpoint, "--data_root", synth_root, "--split", "val", "--output_dir", out,
+                          "--max_count", "3", "--tiles", "auto", "--max_images", "1", "--device", "cpu"]) == 0
+    assert json.load(open(os.path.join(out, "results.json")))["summary"]["object_tokens"] == trained
     image = str(tmp_path / "img.png")
     FSC147Dataset(synth_root, "val")[0].image.save(image)
     assert count_mod.main(["--checkpoint", checkpoint, "--image", image, "--class_name", "dots", "--tiles", "auto",
@@ -213,3 +231,21 @@ def test_evaluate_and_count_objects_on_tiles_with_the_tiny_model(trained_run, sy
     with pytest.raises(SystemExit):
         count_mod.main(["--checkpoint", checkpoint, "--image", image, "--class_name", "dots", "--tiles", "0"])
     assert "--tiles must be a positive number" in capsys.readouterr().err
+
+
+def test_training_measures_its_objects_width_in_tokens_by_hand():
+    from dataset_fsc147 import Sample
+    from train_sequential_attention import median_object_tokens
+
+    def sample(box_px: float, width: int = 224, height: int = 224):
+        boxes = np.array([[0, 0, box_px, box_px], [10, 10, 10 + box_px, 10 + box_px]], dtype=np.float32)
+        return Sample("a.jpg", Image.new("RGB", (width, height)), np.zeros((1, 2), np.float32), boxes, "dots")
+
+    # 224 x 224 images, the processor's minimum 448 x 448: resized 2x, a token 28 processed px = 14 image px.
+    # Boxes of 20, 10 and 30 px: 20 / 14 = 1.4286, 10 / 14 = 0.7143, 30 / 14 = 2.1429 tokens; the median 1.4286.
+    data = [sample(20), sample(10), sample(30)]
+    assert median_object_tokens(data, 448 * 448, 2 * 448 * 448) == pytest.approx(1.4286, abs=1e-4)
+    # At the image's own size (224 = 8 tokens of 28 px): 20 / 28 = 0.7143.
+    assert median_object_tokens(data, 224 * 224, 224 * 224) == pytest.approx(0.7143, abs=1e-4)
+    # An unreadable image (None) is left out: the median of 10 and 30 px at 28 px per token = 20 / 28.
+    assert median_object_tokens([sample(10), None, sample(30)], 224 * 224, 224 * 224) == pytest.approx(0.7143, abs=1e-4)
