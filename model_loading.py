@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -197,15 +198,27 @@ def backbone_load_kwargs(cfg: ModelConfig, device: torch.device) -> dict:
     return kwargs
 
 
+class _NotOurConfigFilter(logging.Filter):
+    """Drops transformers' "model of type `simple` to instantiate a model of type ``" warning: the processor
+    loader reads a checkpoint's config.json, which is this project's ModelConfig, not a transformers config."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("You are using a model of type")
+
+
 def load_processor(path: str, cfg: ModelConfig):
     """The model's processor with the image pixel bounds of the config and the three new tokens."""
     from transformers import AutoProcessor
 
+    config_logger, quiet = logging.getLogger("transformers.configuration_utils"), _NotOurConfigFilter()
+    config_logger.addFilter(quiet)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load a processor from {path!r}: not a local model folder and not "
                          f"reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    finally:
+        config_logger.removeFilter(quiet)
     if not hasattr(processor, "image_processor") or not hasattr(processor.image_processor, "size"):
         raise UsageError(f"{path}: the processor is not a Qwen2-VL image+text processor")
     # Dynamic resolution: the processor resizes each image to between min_pixels and max_pixels.

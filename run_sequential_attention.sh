@@ -58,7 +58,7 @@ demo() {
         --data_root "$DEMO_DIR/data" --model_name_or_path "$DEMO_DIR/tiny-qwen2vl" --model_type "$MODEL_TYPE" \
         --pointing token --finetune full --no-load_in_4bit --synthetic_train --mark_jitter 0.2 \
         --near_done_fraction 0.5 --head_hidden 128 --batch_size 8 --max_steps "$DEMO_STEPS" --lr "$DEMO_LR" \
-        --warmup_steps 20 --min_pixels 12544 --max_pixels 25088 --eval_every 250 --save_every 500 \
+        --warmup_steps 20 --min_pixels 12544 --max_pixels 25088 --eval_every 250 --count_every 0 --save_every 500 \
         --num_workers 0 --eval_images 40 --max_count 6 --seed 0 \
         --device cpu --output_dir "$out" --wandb_mode offline --wandb_project "$WANDB_PROJECT" "$@"
 }

@@ -102,7 +102,11 @@ class TrainConfig(ModelConfig):
     eval_every: int = arg(100, "validation losses every N optimizer steps (0: only at the end)")
     eval_states: int = arg(32, "fixed validation counting states per mode (cls and reg), from val images spread "
                            "over the classes")
-    eval_images: int = arg(16, "val images counted with the full loop at each evaluation; best MAE -> checkpoint-best (0: off)")
+    eval_images: int = arg(16, "val images counted with the full loop at each counting evaluation; best MAE -> "
+                           "checkpoint-best (0: off)")
+    count_every: int = arg(500, "count the --eval_images val images every N optimizer steps and at the end (0: at "
+                           "every --eval_every evaluation); counting costs a forward per point, on a GPU as much as "
+                           "the training between two --eval_every evaluations (RESULTS.md section 4)")
     eval_overlays: int = arg(4, "overlay images (predicted marks | ground truth) logged to W&B per evaluation")
     max_count: int = arg(200, "counting evaluation during training: stop an image after this many points (bounds "
                          "its time; evaluate_counting.py's own --max_count covers FSC-147's densest images)")
@@ -130,7 +134,7 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
     for name in ("batch_size", "grad_accum", "log_every", "eval_states"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "save_every", "num_workers",
+    for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "count_every", "save_every", "num_workers",
                  "max_train_images", "grad_check_every", "eval_images", "eval_overlays", "save_total_limit"):
         if getattr(cfg, name) < 0:
             errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
@@ -520,8 +524,11 @@ def train(cfg: TrainConfig) -> dict:
                 out_of_time, signalled = any_rank(device, time.monotonic() > deadline, stop["signal"])
                 if signalled and not stop["signal"]:
                     stop["signal"] = "a signal to another process"
-                if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps or out_of_time:
-                    last_eval = run_evaluation(cfg, model, optimizer, scheduler, state, val_batches, val_ds, metrics)
+                last = state.step == total_steps or out_of_time
+                count_now = last or due(cfg.count_every or cfg.eval_every, state.step)
+                if last or due(cfg.eval_every, state.step) or count_now:
+                    last_eval = run_evaluation(cfg, model, optimizer, scheduler, state, val_batches, val_ds, metrics,
+                                               count=count_now)
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                     path = save_step_checkpoint(cfg, model, optimizer, scheduler, state)
                     if main_process:
@@ -547,18 +554,25 @@ def train(cfg: TrainConfig) -> dict:
             "interrupted": stop["signal"], "bad_steps": state.total_bad_steps, "skipped_images": skipped}
 
 
-def run_evaluation(cfg, model, optimizer, scheduler, state: TrainState, val_batches, val_ds, metrics) -> dict:
-    """Validation losses (rank 0), counting on --eval_images val images (every process counts a slice),
-    checkpoint-best on a new best MAE. Returns the metrics on rank 0, {} elsewhere."""
+def due(every: int, step: int) -> bool:
+    """Whether a periodic event (every N optimizer steps, 0: never) falls on this step."""
+    return every > 0 and step % every == 0
+
+
+def run_evaluation(cfg, model, optimizer, scheduler, state: TrainState, val_batches, val_ds, metrics,
+                   count: bool = True) -> dict:
+    """Validation losses (rank 0); with `count`, counting on --eval_images val images (every process counts a
+    slice) and checkpoint-best on a new best MAE. Returns the metrics on rank 0, {} elsewhere."""
     from tqdm.auto import tqdm
 
-    counting = evaluate_counting_subset(cfg, model, val_ds, metrics.run) if cfg.eval_images else {}
-    rng_states = gather_to_rank0([rng_state(device_of(model))]) if cfg.eval_images else []
+    count = count and cfg.eval_images > 0
+    counting = evaluate_counting_subset(cfg, model, val_ds, metrics.run) if count else {}
+    rng_states = gather_to_rank0([rng_state(device_of(model))]) if count else []
     result = {}
     with shared_failures(device_of(model), "evaluation"):  # rank 0's work; the others wait here, and stop with it
         if rank_and_world()[0] == 0:
             result = {**evaluate(cfg, model, val_batches), **counting}
-            if cfg.eval_images and result["val/count_mae"] < state.best_mae:
+            if count and result["val/count_mae"] < state.best_mae:
                 state.best_mae = result["val/count_mae"]
                 save_training_checkpoint(cfg, model, optimizer, scheduler, state, "checkpoint-best", rng_states)
                 tqdm.write(f"new best val count MAE {state.best_mae:.3f}: saved checkpoint-best")

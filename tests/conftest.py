@@ -59,7 +59,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, synth_root):
 
     out = str(tmp_path_factory.mktemp("run") / "run")
     code = main(["--data_root", synth_root, "--model_name_or_path", tiny_model_dir, "--max_steps", "6",
-                 "--batch_size", "4", "--lr", "3e-4", "--eval_every", "3", "--save_every", "4",
+                 "--batch_size", "4", "--lr", "3e-4", "--eval_every", "3", "--count_every", "0", "--save_every", "4",
                  "--eval_states", "4", "--eval_images", "3", "--max_count", "5", "--num_workers", "0",
                  "--wandb_mode", "offline", "--output_dir", out, *TINY_PIXELS])
     assert code == 0

@@ -46,6 +46,24 @@ def test_run_writes_config_metrics_checkpoints_and_wandb(run_dir):
     assert state["step"] == 6 and "optimizer" in state and "scheduler" in state
 
 
+def test_val_counting_runs_every_count_every_steps_and_at_the_end(tmp_path, synth_root, tiny_model_dir):
+    """--eval_every 2 --count_every 3 over 5 steps: evaluations at 2, 3, 4 and 5 (the end), counting at 3 and 5;
+    --count_every 0 counts at every evaluation (2, 4 and the end)."""
+    def eval_steps(count_every: str) -> tuple[list, list]:
+        out = tmp_path / f"every{count_every}"
+        assert main(["--data_root", synth_root, "--model_name_or_path", tiny_model_dir, "--max_steps", "5",
+                     "--batch_size", "2", "--eval_every", "2", "--count_every", count_every, "--eval_states", "2",
+                     "--eval_images", "2", "--max_count", "2", "--save_every", "0", "--num_workers", "0",
+                     "--wandb_mode", "disabled", "--output_dir", str(out), "--min_pixels", "3136",
+                     "--max_pixels", "50176"]) == 0
+        evals = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
+        assert all("val/loss_cls" in r for r in evals)
+        return [r["step"] for r in evals], [r["step"] for r in evals if "val/count_mae" in r]
+
+    assert eval_steps("3") == ([2, 3, 4, 5], [3, 5])
+    assert eval_steps("0") == ([2, 4, 5], [2, 4, 5])
+
+
 def test_missing_data_root_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
     code = main(["--data_root", str(tmp_path / "nope"), "--model_name_or_path", tiny_model_dir,
                  "--output_dir", str(tmp_path / "out"), "--wandb_mode", "disabled", "--max_steps", "1"])
