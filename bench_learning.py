@@ -148,6 +148,8 @@ class BenchConfig:
     warmup_steps: int = arg(100, "linear warmup steps")
     lr_schedule: str = arg("cosine", "cosine or constant")
     near_done_fraction: float = arg(0.5, "fraction of not-done cls states with one object left (k = N - 1)")
+    skip_fraction: float = arg(0.0, "fraction of not-done states with 1 to 3 objects before the last counted one "
+                               "left unmarked (train_sequential_attention.py --skip_fraction)")
     mark_jitter: float = arg(0.2, "training marks land up to this fraction of the object size from their objects")
     mark_size_jitter: float = arg(0.0, "training marks' radius times a factor in [1 - j, 1 + j] (text-protocol errors)")
     negative_prompts: float = arg(0.0, "fraction of done classification states naming a training class the image lacks")
@@ -216,8 +218,9 @@ def validate(cfg: BenchConfig) -> list[str]:
                           f"{cfg.large_points_per_step!r}")
         errors += [e for m in parse_variants(cfg.large_tiles) for e in tiles_errors(m)]
         errors += [] if cfg.large_images >= 1 else ["--large_images must be >= 1"]
-    if not 0 <= cfg.mark_jitter <= 1:
-        errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
+    for name in ("mark_jitter", "skip_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            errors.append(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.other_object_weight <= 0:
         errors.append(f"--other_object_weight must be > 0, got {cfg.other_object_weight}")
     if cfg.steps < 1:
@@ -399,7 +402,7 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str,
         lora_target_modules=targets, attention_dim=cfg.attention_dim, head_hidden=cfg.head_hidden,
         min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,
         max_minutes=cfg.minutes, lr=cfg.lora_lr if finetune != "full" and cfg.lora_lr else cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule,
-        near_done_fraction=cfg.near_done_fraction,
+        near_done_fraction=cfg.near_done_fraction, skip_fraction=cfg.skip_fraction,
         seed=cfg.seed, log_every=1, eval_every=cfg.eval_every, count_every=0, eval_states=32,
         eval_images=cfg.eval_images,
         eval_overlays=0, max_count=cfg.max_count, done_threshold=cfg.done_threshold, save_every=0,

@@ -461,7 +461,7 @@ def jitter_points(points: np.ndarray, scale: float, rng: np.random.Generator, wi
 def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
                   strategy: str = "reading_order", offset: int = 0, global_size: int | None = None,
                   near_done: float = 0.0, jitter: float = 0.0, size_jitter: float = 0.0, negatives: float = 0.0,
-                  class_pool=()) -> CountingBatch:
+                  class_pool=(), skip: float = 0.0) -> CountingBatch:
     """Build one counting state per image: N objects, k of them counted and marked 1..k.
 
     With several processes, `samples` is this process's slice of a global batch of `global_size`
@@ -485,6 +485,12 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
     `negatives` > 0: that fraction of the done cls states instead name a class from `class_pool` that is not
     in the image (not the named class, not a known distractor): nothing to count, done at k = 0. (In FSC-147
     another class may be in the image unannotated; the pool's classes are rarely all present.)
+    `skip` > 0 (reading order): that fraction of the not-done states of either mode (of 2 or more objects) are
+    states with misses: the counting reached object k (2..N, uniform) and counted it but left 1 to 3 of the first
+    k - 1 unmarked, as the counting loop's skipped objects stay unmarked behind it. Not done, even at k = N; the
+    next object is the first unmarked one in reading order (a skipped one). Without these, a done state is the only
+    one whose marks reach the last object, and done can read "the marks reached the end" instead of "no unmarked
+    object is left".
     """
     if mode not in ("cls", "reg"):
         raise ValueError(f"mode must be 'cls' or 'reg', got {mode!r}")
@@ -515,8 +521,13 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
             if absent and sample_rng.random() < negatives:
                 names[-1] = absent[int(sample_rng.integers(len(absent)))]
                 num = 0  # of the class the prompt names
+        missed = np.zeros(0, dtype=np.int64)  # positions in reading order left unmarked behind the last counted one
         if done:
             k = num
+        elif skip > 0 and strategy == "reading_order" and num >= 2 and sample_rng.random() < skip:
+            k = int(sample_rng.integers(2, num + 1))  # objects 1..k were passed, the k-th counted
+            missed = np.sort(sample_rng.choice(k - 1, size=int(sample_rng.integers(1, min(3, k - 1) + 1)),
+                                               replace=False))
         elif mode == "cls" and sample_rng.random() < near_done:
             k = num - 1
         else:
@@ -525,6 +536,9 @@ def prepare_batch(samples: list[Sample], mode: str, rng: np.random.Generator,
             order = next_idx = np.zeros(0, dtype=np.int64)
         elif strategy == "reading_order":
             order = reading_order(sample.points, sample.boxes, height)
+            if len(missed):  # the skipped objects move behind the counted ones, so order[:k] stays "what is marked"
+                order = np.concatenate([np.delete(order[:k], missed), order[:k][missed], order[k:]])
+                k -= len(missed)
             next_idx = order[k:k + 1]
         else:
             order = sample_rng.permutation(num)

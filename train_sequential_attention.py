@@ -64,6 +64,10 @@ class TrainConfig(ModelConfig):
     near_done_fraction: float = arg(0.5, "fraction of not-done cls states with exactly one object left "
                                     "(k = N - 1) instead of uniform k (0: the seed's uniform k); validation states "
                                     "stay uniform")
+    skip_fraction: float = arg(0.0, "fraction of not-done states (both modes) with misses: 1 to 3 objects before the "
+                               "last counted one left unmarked, as the counting loop leaves the objects it skipped; "
+                               "the next object is the first unmarked one (reading order only; validation states "
+                               "have none)")
     mark_size_jitter: float = arg(0.0, "training marks are drawn with the radius times a factor in [1 - j, 1 + j], "
                                   "as the text-only protocol's own object-size estimate errs (0: exact)")
     negative_prompts: float = arg(0.0, "fraction of the done classification states whose prompt names another "
@@ -147,8 +151,11 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
                       "--max_train_images and --train_split do not apply to it (drop them, or drop --synthetic_train)")
     if not 0 <= cfg.mark_jitter <= 1:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
-    if not 0 <= cfg.near_done_fraction <= 1:
-        errors.append(f"--near_done_fraction must be in [0, 1], got {cfg.near_done_fraction}")
+    for name in ("near_done_fraction", "skip_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            errors.append(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.skip_fraction > 0 and cfg.target_strategy != "reading_order":
+        errors.append("--skip_fraction needs --target_strategy reading_order (nearest already marks random subsets)")
     if cfg.object_map_focal < 0 or cfg.class_loss < 0:
         errors.append("--object_map_focal and --class_loss must be >= 0")
     if cfg.other_object_weight <= 0:
@@ -502,7 +509,8 @@ def train(cfg: TrainConfig) -> dict:
                     pending.append(prepare_batch(samples, mode, rng, cfg.target_strategy, offset=rank * cfg.batch_size,
                                                  jitter=cfg.mark_jitter, global_size=cfg.batch_size * world,
                                                  near_done=cfg.near_done_fraction, size_jitter=cfg.mark_size_jitter,
-                                                 negatives=cfg.negative_prompts, class_pool=train_ds.class_names))
+                                                 negatives=cfg.negative_prompts, class_pool=train_ds.class_names,
+                                                 skip=cfg.skip_fraction))
                 if len(pending) < cfg.grad_accum:
                     continue
                 t0 = time.perf_counter()

@@ -150,6 +150,35 @@ def test_near_done_states_leave_exactly_one_object():
     assert len({len(c) for c in reg.counted}) > 1
 
 
+def test_skip_states_leave_objects_unmarked_behind_the_last_counted_one():
+    # Six objects in one row at x = 10, 30, ..., 110: reading order is left to right, so object i is the i-th.
+    xs = [10, 30, 50, 70, 90, 110]
+    sample = make_sample([[x, 50] for x in xs])
+    rng = np.random.default_rng(5)
+    pixel = lambda p: round(float(p[0]) * 100 + 100)  # normalised x -> pixels (200 px wide)
+    seen_end, seen_missed = False, set()
+    for mode in ("cls", "reg"):
+        for _ in range(60):
+            batch = prepare_batch([sample], mode, rng, skip=1.0)
+            if batch.done[0]:  # done states: every object marked, none skipped
+                assert len(batch.counted[0]) == 6
+                continue
+            marked = sorted(pixel(p) for p in batch.counted[0])
+            unmarked = sorted(pixel(p) for p in batch.remaining[0])
+            assert sorted(marked + unmarked) == xs  # each object either marked or remaining, once
+            behind = [x for x in unmarked if x < marked[-1]]  # skipped: left of the last counted object
+            assert 1 <= len(behind) <= 3
+            seen_missed.add(len(behind))
+            seen_end |= marked[-1] == 110  # the marks reach the last object, and still not done
+            if mode == "reg":  # the next object is the first unmarked one in reading order: a skipped one
+                assert pixel(batch.targets[0, 0]) == unmarked[0] == behind[0]
+    assert seen_end and seen_missed == {1, 2, 3}
+    # skip 0 (the default): the marks are always the first k objects in reading order.
+    for _ in range(20):
+        batch = prepare_batch([sample], "reg", rng)
+        assert sorted(pixel(p) for p in batch.counted[0]) == xs[:len(batch.counted[0])]
+
+
 def test_reading_order_does_not_zig_zag_across_a_band_boundary():
     # Six touching 20 px objects in one physical row, y alternating 41 / 39: fixed 20 px bands put
     # them in two rows (x read as 30, 70, 110, 10, 50, 90); grouped by gaps they are one row.
