@@ -168,8 +168,9 @@ class BenchConfig:
     test_images: int = arg(0, "test images counted at the end (0: the whole test split)")
     max_count: int = arg(20, "counting loop: stop an image after this many points")
     done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this (see --tune_threshold)")
-    tune_threshold: str = arg("", "comma-separated done thresholds tried on the val split; the test split is "
-                              "counted at the one with the lowest val MAE (empty: use --done_threshold)")
+    tune_threshold: str = arg("", "comma-separated done thresholds tried on the val split, once per "
+                              "points-per-forward mode; each mode's test rows are counted at the one with its lowest "
+                              "val MAE (empty: use --done_threshold)")
     num_workers: int = arg(0, "DataLoader workers per training run (0: decode in the training process)")
 
 
@@ -457,8 +458,8 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
                tests: dict[str, FSC147Dataset]) -> list[dict]:
     """Count the test images with a trained checkpoint: one result row per --protocol, test set and counting mode
     (`counting_modes`: --points_per_step, and for the large set its own modes and tiles). The done threshold is
-    chosen on val under each protocol, one point per step, and kept for every mode, so the modes differ only in
-    how they count (points per forward, tiles)."""
+    chosen on val (untiled) under each protocol and points-per-forward mode, as `evaluate_counting.py` chooses it:
+    a threshold suits the mode it was chosen in (several points per forward stop at other done probabilities)."""
     from evaluate_counting import count_dataset
     from model_loading import load_checkpoint
     from train_sequential_attention import evaluate, fixed_val_batches
@@ -475,14 +476,21 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
                                      object_tokens=trained.object_tokens)
             return count_dataset(model, ds, settings, max_images=cfg.test_images, progress=bar)
 
-        threshold, val_maes = cfg.done_threshold, {}
-        if cfg.tune_threshold:  # calibrated on val, never on test
-            val_maes = {t: count(val, t, "1", False)[1]["mae"] for t in parse_thresholds(cfg.tune_threshold)}
-            threshold = min(val_maes, key=val_maes.get)
+        tuned = {}  # points-per-forward mode -> (threshold, val MAE per threshold)
+
+        def threshold_for(mode):
+            if not cfg.tune_threshold:
+                return cfg.done_threshold, {}
+            if mode not in tuned:  # calibrated on val, never on test
+                maes = {t: count(val, t, mode, False)[1]["mae"] for t in parse_thresholds(cfg.tune_threshold)}
+                tuned[mode] = min(maes, key=maes.get), maes
+            return tuned[mode]
+
         for test_set, test in tests.items():
             # The large set's counts go past the training range's --max_count.
             cap = max(cfg.max_count, 2 * parse_range(cfg.large_objects)[1]) if test_set == "large" else cfg.max_count
             for mode, tiles in counting_modes(cfg, test_set):
+                threshold, val_maes = threshold_for(mode)
                 records, counting, _, _ = count(test, threshold, mode, True, tiles, cap)
                 name = results_file(test_set, protocol, mode, tiles)
                 write_json_atomic(os.path.join(tcfg.output_dir, name), {"summary": counting, "images": records})

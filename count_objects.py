@@ -17,6 +17,8 @@ resized to the whole image's pixel count, and merges their points (tiles.py); --
 from the model's own size estimate at a first forward, against the objects' width it trained on (its checkpoint's
 object_tokens).
     python count_objects.py --checkpoint RUN/checkpoint-best --image crowd.jpg --class_name "people" --tiles auto
+Several points per forward (--points_per_step N or auto): by default (checkpoint) what suits how the checkpoint
+trained: auto after nearest targets (any uncounted object was a right next point), 1 after reading order.
 
 Prints the count and writes OUT_DIR/<image>_counted.png (numbered marks) and OUT_DIR/<image>_points.json
 (points in pixels of the original image).
@@ -65,12 +67,32 @@ def parse_points_per_step(text: str) -> int:
     return parse_positive_or_auto(text, "--points_per_step")
 
 
+FROM_CHECKPOINT = "checkpoint"  # --points_per_step's default: the mode that suits how the checkpoint was trained
+POINTS_PER_STEP_HELP = ("points committed per forward: 1 (the model's chosen point), N, auto (every token it believes "
+                        "holds an unmarked object, well separated), or checkpoint: auto for a checkpoint trained with "
+                        "nearest targets (any uncounted object was a right next point; on dense scenes the more "
+                        "accurate mode and ~10x fewer forwards), 1 for reading order (one right next point, where auto "
+                        "counted worse): RESULTS.md 1c")
+
+
 def points_per_step_errors(text: str) -> list[str]:
+    if text == FROM_CHECKPOINT:
+        return []
     try:
         parse_points_per_step(text)
         return []
     except ValueError:
-        return [f"--points_per_step must be a positive number or auto, got {text!r}"]
+        return [f"--points_per_step must be a positive number, auto or {FROM_CHECKPOINT}, got {text!r}"]
+
+
+def points_per_step_for(text: str, checkpoint: str) -> int:
+    """--points_per_step as a number (0: auto); "checkpoint" reads the target strategy the checkpoint trained with
+    from its config.json: nearest -> 0 (auto), reading order (or a checkpoint that predates the field) -> 1."""
+    if text != FROM_CHECKPOINT:
+        return parse_points_per_step(text)
+    with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+        strategy = json.load(f).get("target_strategy", "reading_order")
+    return 0 if strategy == "nearest" else 1
 
 
 @dataclass
@@ -407,8 +429,7 @@ def main(argv=None) -> int:
                          "merged so an object on a seam counts once (for objects much smaller than an image token); "
                          "auto: the grid from the model's own estimate of the objects' size at a first forward, "
                          "zoomed toward the width of the objects it trained on (the checkpoint's object_tokens)")
-        points_per_step: str = arg("1", "points committed per forward: 1, N, or auto (every confident, well-separated "
-                                   "point)")
+        points_per_step: str = arg(FROM_CHECKPOINT, POINTS_PER_STEP_HELP)
         device: str = arg("auto", "auto, cpu or cuda")
         model_name_or_path: str = arg("", "the base model's folder or hub id (default: the path saved in the "
                                       "checkpoint's config.json; give it when the weights moved)")
@@ -453,7 +474,8 @@ def main(argv=None) -> int:
     if cfg.protocol == "exemplar":
         radii = [cfg.mark_radius or mark_radius(*image.size, parse_boxes(cfg.exemplar_boxes))]
     settings = CountSettings(batch_size=1, done_threshold=cfg.done_threshold, max_count=cfg.max_count,
-                             protocol=cfg.protocol, points_per_step=parse_points_per_step(cfg.points_per_step),
+                             protocol=cfg.protocol,
+                             points_per_step=points_per_step_for(cfg.points_per_step, cfg.checkpoint),
                              tiles=parse_tiles(cfg.tiles), object_tokens=trained.object_tokens)
     result = count_images(model, [image], [cfg.class_name], settings, mark_radii=radii)[0]
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from count_objects import (MAX_COUNT, PROTOCOLS, CountResult, CountSettings, base_override, count_images,
-                           parse_points_per_step, points_per_step_errors)
+from count_objects import (FROM_CHECKPOINT, MAX_COUNT, POINTS_PER_STEP_HELP, PROTOCOLS, CountResult, CountSettings,
+                           base_override, count_images, points_per_step_errors, points_per_step_for)
 from tiles import parse_tiles, tiles_errors
 from cli import UsageError, arg, parse_config, write_json_atomic
 from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size, unnamed_points
@@ -61,9 +61,8 @@ class EvalConfig:
     done_threshold: float = arg(0.5, "stop counting an image when sigmoid(done) exceeds this")
     max_count: int = arg(MAX_COUNT, "stop counting an image after this many points (reported as capped); the default "
                          "covers FSC-147's densest image (3,731 objects)")
-    points_per_step: str = arg("1", "points committed per forward: 1 (the model's chosen point), N, or auto (every "
-                               "token it believes holds an unmarked object, well separated); forwards_per_image in "
-                               "results.json says what it cost")
+    points_per_step: str = arg(FROM_CHECKPOINT, POINTS_PER_STEP_HELP + "; forwards_per_image in results.json says "
+                               "what it cost")
     duplicate_guard: bool = arg(True, "a point within half an object size of a counted one is not counted: the loop takes "
                                 "the model's next candidate or stops the image (stopped_on_duplicates)")
     tiles: str = arg("1", "N: count each image on N x N overlapping crops at the whole image's resolution, points "
@@ -71,9 +70,10 @@ class EvalConfig:
                      "per image from the model's own size estimate at a first forward, against the width of the "
                      "objects it trained on (the checkpoint's object_tokens; never the ground truth); results.json "
                      "records tiles and forwards_per_image per image")
-    tune_threshold: str = arg("", "comma-separated done thresholds, e.g. 0.3,0.5,0.7,0.9: each is tried on "
-                              "--tune_split, and --split is counted at the one with the lowest MAE there (results.json "
-                              "records both); empty: --done_threshold")
+    tune_threshold: str = arg("", "comma-separated done thresholds, e.g. 0.5,0.7,0.9,0.95,0.98: each is tried "
+                              "on --tune_split, counted as --split will be (the same --points_per_step and --tiles), "
+                              "and --split is counted at the one with the lowest MAE there (results.json records "
+                              "both); empty: --done_threshold")
     tune_split: str = arg("val", "the split the done threshold is chosen on (never the split being reported)")
     tune_images: int = arg(0, "images of --tune_split counted per threshold, a fixed sample spread over its classes "
                            "(0: all of them)")
@@ -377,13 +377,14 @@ def print_summary(summary: dict, split: str) -> None:
 
 
 def choose_threshold(cfg: EvalConfig, model, settings: CountSettings) -> tuple[float, dict]:
-    """The done threshold with the lowest MAE on --tune_split (one point per forward, the other settings as given),
-    and what each threshold scored there. Reads no image of --split."""
+    """The done threshold with the lowest MAE on --tune_split, counted as --split will be (points per forward and
+    tiles as given: a threshold suits the mode it was chosen in, and several points per forward make the choice
+    ~10x cheaper), and what each threshold scored there. Reads no image of --split."""
     tune = FSC147Dataset(cfg.data_root, cfg.tune_split)
     maes = {}
     for t in parse_thresholds(cfg.tune_threshold):
         print(f"choosing the done threshold on {cfg.tune_split!r}: {t}", flush=True)
-        _, summary, _, _ = count_dataset(model, tune, dataclasses.replace(settings, done_threshold=t, points_per_step=1),
+        _, summary, _, _ = count_dataset(model, tune, dataclasses.replace(settings, done_threshold=t),
                                          cfg.tune_images, cfg.match_radius)
         maes[t] = summary["mae"]
     chosen = min(maes, key=maes.get)
@@ -397,7 +398,7 @@ def main(argv=None) -> int:
         dataset = FSC147Dataset(cfg.data_root, cfg.split)
         model, trained = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
         settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol,
-                                 parse_points_per_step(cfg.points_per_step), cfg.duplicate_guard, parse_tiles(cfg.tiles),
+                                 points_per_step_for(cfg.points_per_step, cfg.checkpoint), cfg.duplicate_guard, parse_tiles(cfg.tiles),
                                  object_tokens=trained.object_tokens)
         tuning = {}
         if cfg.tune_threshold:  # chosen on another split before a single image of this one is read

@@ -154,6 +154,36 @@ def test_points_per_step_limits_each_forward_and_skips_counted_objects():
     np.testing.assert_allclose(one.points, PIXELS)
 
 
+def test_points_per_step_default_follows_how_the_checkpoint_trained(tmp_path, trained_run, synth_root):
+    def checkpoint(name, config):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    nearest = checkpoint("nearest", {"target_strategy": "nearest"})
+    reading = checkpoint("reading", {"target_strategy": "reading_order"})
+    old = checkpoint("old", {})  # a checkpoint from before the field: reading order, the only strategy then
+    # nearest targets: every confident point (0 = auto); reading order: one point per forward.
+    assert [count_mod.points_per_step_for("checkpoint", c) for c in (nearest, reading, old)] == [0, 1, 1]
+    # An explicit mode wins over the checkpoint's.
+    assert count_mod.points_per_step_for("4", nearest) == 4 and count_mod.points_per_step_for("auto", reading) == 0
+    assert eval_mod.EvalConfig().points_per_step == "checkpoint"
+    # End to end: the same weights with the strategy in config.json flipped to nearest count several points per
+    # forward by default (results.json's summary says which mode ran).
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(trained_run, "checkpoint-last"), ckpt)
+    modes = []
+    for strategy in ("reading_order", "nearest"):
+        config = json.load(open(os.path.join(ckpt, "config.json")))
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "target_strategy": strategy}))
+        out = str(tmp_path / f"eval-{strategy}")
+        assert eval_mod.main(["--checkpoint", ckpt, "--data_root", synth_root, "--output_dir", out, "--max_count", "2",
+                              "--max_images", "2"]) == 0
+        modes.append(json.load(open(os.path.join(out, "results.json")))["summary"]["points_per_step"])
+    assert modes == [1, "auto"]
+
+
 class MarkReadingModel(ScriptedModel):
     """Counts the marks it sees in the image (red mark pixels / one mark's red pixels) and says done once
     it sees `image.width // 100` of them; points somewhere new each time. Blind to `counted`."""
@@ -494,10 +524,15 @@ def test_tune_threshold_chooses_on_val_before_reading_a_test_image(trained_run, 
     reads = []
     real = FSC147Dataset.__getitem__
     monkeypatch.setattr(FSC147Dataset, "__getitem__", lambda self, i: reads.append(self.split) or real(self, i))
+    modes, count_dataset = [], eval_mod.count_dataset  # each call's (split, points per forward)
+    monkeypatch.setattr(eval_mod, "count_dataset", lambda model, ds, settings, *a, **k: modes.append(
+        (ds.split, settings.points_per_step)) or count_dataset(model, ds, settings, *a, **k))
     out = str(tmp_path / "eval")
     assert eval_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-last"), "--data_root", synth_root,
                           "--split", "test", "--output_dir", out, "--max_count", "3",
-                          "--tune_threshold", "0.3,0.7"]) == 0
+                          "--tune_threshold", "0.3,0.7", "--points_per_step", "2"]) == 0
+    # The threshold is chosen counting as the reported split is counted: two points per forward, not one.
+    assert modes == [("val", 2), ("val", 2), ("test", 2)]
     first_test = reads.index("test")
     assert set(reads[:first_test]) == {"val"} and set(reads[first_test:]) == {"test"}
     assert len(reads[:first_test]) == 2 * 6  # both thresholds on every val image
