@@ -120,11 +120,11 @@ bench-unseen: $(STAMP) $(if $(findstring pretrained,$(subst pretrained-strict,,$
 # a reading order that is ambiguous in dense scenes: MAE 1.82 -> 0.60 with every confident point per forward,
 # RESULTS.md 1c). Counted with one point per forward, every confident point per forward (auto) and at most 4 per
 # forward (the issue's cost bound is mean_gt / 4 + 2 forwards) side by side; the done threshold chosen on val for
-# each of those modes, up to 0.99 (dense images' early stops fire at 0.9 to 0.99), plus 61 to 80 objects (beyond the training range) and a test set at FSC-147's scale
-# (100 to 400 objects on 448 to 768 px images) counted untiled and on tiles chosen from the model's own size
-# estimate. On the pretrained stand-in (DENSE_BACKBONES=random,pretrained adds the random row). 2,000 steps (17 to
-# 35 min of training at 2 to 1 steps/s on 2 cores, the issue's 40-minute cap as the safety net; 35 to 55 min in all
-# per backbone).
+# each of those modes, up to 0.99 (dense images' early stops fire at 0.9 to 0.99), plus 61 to 80 objects (beyond
+# the training range) and a test set at FSC-147's scale (100 to 400 objects on 448 to 768 px images) counted
+# untiled and on tiles chosen from the model's own size estimate. On the pretrained stand-in
+# (DENSE_BACKBONES=random,pretrained adds the random row). 2,000 steps (17 to 35 min of training at 2 to 1 steps/s on
+# 2 cores, the issue's 40-minute cap as the safety net; 35 to 55 min in all per backbone).
 # The flags after $(BENCH_SETTINGS) override its values (the last occurrence wins).
 DENSE_BACKBONES ?= pretrained
 DENSE_SETTINGS := --steps 2000 --minutes 40 --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \

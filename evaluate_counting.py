@@ -398,8 +398,8 @@ def main(argv=None) -> int:
         dataset = FSC147Dataset(cfg.data_root, cfg.split)
         model, trained = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
         settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol,
-                                 points_per_step_for(cfg.points_per_step, cfg.checkpoint), cfg.duplicate_guard, parse_tiles(cfg.tiles),
-                                 object_tokens=trained.object_tokens)
+                                 points_per_step_for(cfg.points_per_step, cfg.checkpoint), cfg.duplicate_guard,
+                                 parse_tiles(cfg.tiles), object_tokens=trained.object_tokens)
         tuning = {}
         if cfg.tune_threshold:  # chosen on another split before a single image of this one is read
             threshold, tuning = choose_threshold(cfg, model, settings)
