@@ -111,6 +111,9 @@ class BenchConfig:
                         "the model's own estimate) and/or exemplar (from the exemplar boxes)")
     points_per_step: str = arg("1", "comma-separated counting modes, one result row each: 1 (one point per forward), "
                                "N, or auto (every confident, well-separated point per forward)")
+    tiles: str = arg("1", "comma-separated tile modes for the test and beyond sets, one row each per "
+                     "--points_per_step mode: N (N x N crops) or auto (from the model's own size estimate; 1 where "
+                     "the objects look as large as training's)")
     beyond_objects: str = arg("", "MIN,MAX: also count a second test set with this many objects per image, beyond the "
                               "training range (its own rows, test_set 'beyond'; empty: none)")
     beyond_size_scale: float = arg(1.0, "object size x this in the beyond-the-training-range test set")
@@ -207,6 +210,7 @@ def validate(cfg: BenchConfig) -> list[str]:
     except ValueError:
         errors.append(f"--points_per_step must list positive numbers or auto, got {cfg.points_per_step!r}; "
                       f"--beyond_objects must be MIN,MAX, got {cfg.beyond_objects!r}")
+    errors += [e for m in parse_variants(cfg.tiles) for e in tiles_errors(m)]
     if cfg.large_objects:
         try:
             (low, high), (small, big) = parse_range(cfg.large_objects), parse_range(cfg.large_image_size)
@@ -448,16 +452,17 @@ def results_file(test_set: str, protocol: str, mode: str, tiles: str = "1") -> s
 
 
 def counting_modes(cfg: BenchConfig, test_set: str) -> list[tuple[str, str]]:
-    """(points_per_step, tiles) modes a test set is counted with: the large set its own, the others untiled."""
+    """(points_per_step, tiles) modes a test set is counted with: every pair of --points_per_step and --tiles, the
+    large set its own (--large_points_per_step, --large_tiles)."""
     if test_set == "large":
         return [(m, t) for m in parse_variants(cfg.large_points_per_step) for t in parse_variants(cfg.large_tiles)]
-    return [(m, "1") for m in parse_variants(cfg.points_per_step)]
+    return [(m, t) for m in parse_variants(cfg.points_per_step) for t in parse_variants(cfg.tiles)]
 
 
 def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: str, data_root: str,
                tests: dict[str, FSC147Dataset]) -> list[dict]:
     """Count the test images with a trained checkpoint: one result row per --protocol, test set and counting mode
-    (`counting_modes`: --points_per_step, and for the large set its own modes and tiles). The done threshold is
+    (`counting_modes`: --points_per_step x --tiles, and for the large set its own modes and tiles). The done threshold is
     chosen on val (untiled) under each protocol and points-per-forward mode, as `evaluate_counting.py` chooses it:
     a threshold suits the mode it was chosen in (several points per forward stop at other done probabilities)."""
     from evaluate_counting import count_dataset

@@ -70,12 +70,13 @@ def test_bench_learning_rows_per_protocol_with_distractors(tmp_path, monkeypatch
 def test_bench_learning_counts_each_mode_and_a_set_beyond_the_training_range(tmp_path, monkeypatch):
     import evaluate_counting
 
-    calls, count_dataset = [], evaluate_counting.count_dataset  # (split, points per forward, threshold) per count
+    calls, count_dataset = [], evaluate_counting.count_dataset  # (split, points per forward, threshold, tiles)
     monkeypatch.setattr(evaluate_counting, "count_dataset", lambda model, ds, settings, *a, **k: calls.append(
-        (ds.split, settings.points_per_step, settings.done_threshold)) or count_dataset(model, ds, settings, *a, **k))
+        (ds.split, settings.points_per_step, settings.done_threshold, settings.tiles))
+        or count_dataset(model, ds, settings, *a, **k))
     out = tmp_path / "dense"
     assert bench_learning.main(["--output_dir", str(out), "--variants", "mean,simple-token", "--points_per_step", "1,auto",
-                                "--beyond_objects", "7,9", "--min_objects", "2", "--max_objects", "5", "--steps", "2",
+                                "--tiles", "1,2", "--beyond_objects", "7,9", "--min_objects", "2", "--max_objects", "5", "--steps", "2",
                                 "--num_images", "25", "--eval_every", "0", "--eval_images", "2", "--test_images", "3",
                                 "--max_count", "12", "--warmup_steps", "1", "--large_objects", "12,20",
                                 "--large_image_size", "96,128", "--large_tiles", "1,2", "--large_images", "2",
@@ -83,18 +84,26 @@ def test_bench_learning_counts_each_mode_and_a_set_beyond_the_training_range(tmp
     rows = json.load(open(out / "results.json"))["results"]
     # The threshold is chosen on val once per points-per-forward mode (1, then auto = 0), before that mode's first
     # test count, and each mode's rows are counted at the threshold of their own val MAEs.
-    val = [(pps, t) for split, pps, t in calls if split == "val"]
+    # Val is counted untiled: one threshold per points-per-forward mode serves its tiled rows too.
+    val = [(pps, t) for split, pps, t, tiles in calls if split == "val" and tiles == 1]
+    assert [c for c in calls if c[0] == "val" and c[3] != 1] == []
     assert val[-4:] == [(1, 0.3), (1, 0.7), (0, 0.3), (0, 0.7)]
     assert val[:-4] and set(val[:-4]) == {(1, 0.5)}  # training's own val counts: one point, --done_threshold
     for r in rows[3:]:
         maes = r["val_mae_per_threshold"]
         assert r["done_threshold"] == min((0.3, 0.7), key=lambda t: maes[str(t)])
-    assert rows[3]["val_mae_per_threshold"] == rows[5]["val_mae_per_threshold"]  # mode 1 on test and on beyond
+    # mode 1 on test, untiled and on 2 x 2 tiles, and on beyond
+    assert rows[3]["val_mae_per_threshold"] == rows[4]["val_mae_per_threshold"] == rows[7]["val_mae_per_threshold"]
     assert [(r["variant"], r.get("points_per_step"), r.get("tiles"), r["test_set"]) for r in rows] == [
         ("mean", None, None, "test"), ("mean", None, None, "beyond"), ("mean", None, None, "large"),
-        ("simple-token", "1", "1", "test"), ("simple-token", "auto", "1", "test"),
-        ("simple-token", "1", "1", "beyond"), ("simple-token", "auto", "1", "beyond"),
+        ("simple-token", "1", "1", "test"), ("simple-token", "1", "2", "test"),
+        ("simple-token", "auto", "1", "test"), ("simple-token", "auto", "2", "test"),
+        ("simple-token", "1", "1", "beyond"), ("simple-token", "1", "2", "beyond"),
+        ("simple-token", "auto", "1", "beyond"), ("simple-token", "auto", "2", "beyond"),
         ("simple-token", "auto", "1", "large"), ("simple-token", "auto", "2", "large")]
+    assert {(c[0], c[3]) for c in calls if c[0] == "test"} == {("test", 1), ("test", 2)}  # the tiles reach the count
+    tiled = json.load(open(out / "simple-token_random_lora4bit" / "beyond_results_text_pps-auto_tiles-2.json"))
+    assert all(i["tiles"] == 2 for i in tiled["images"])
     beyond = json.load(open(out / "simple-token_random_lora4bit" / "beyond_results_text_pps-auto.json"))
     assert {i["gt_count"] for i in beyond["images"]} <= {7, 8, 9} and beyond["summary"]["points_per_step"] == "auto"
     large = json.load(open(out / "simple-token_random_lora4bit" / "large_results_text_pps-auto_tiles-2.json"))
