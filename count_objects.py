@@ -75,6 +75,27 @@ POINTS_PER_STEP_HELP = ("points committed per forward: 1 (the model's chosen poi
                         "counted worse): RESULTS.md 1c")
 
 
+TILES_HELP = ("N: count on N x N overlapping crops, each at the whole image's resolution, points merged so an "
+              "object on a seam counts once (for objects much smaller than an image token); auto: N per image from "
+              "the model's own estimate of the objects' size at a first forward (one forward more per image), "
+              "against the width of the objects it trained on (the checkpoint's object_tokens; never the ground "
+              "truth): 1 where the objects look as wide as training's; or checkpoint: auto for a token-pointing "
+              "checkpoint (on dense scenes as or more accurate than 1 on every test set: RESULTS.md 1c), 1 for "
+              "regression pointing (no token grid to size the crops)")
+
+
+def tiles_option_errors(text: str) -> list[str]:
+    return [] if text == FROM_CHECKPOINT else tiles_errors(text)
+
+
+def tiles_for(text: str, pointing: str) -> int:
+    """--tiles as a grid side (0: auto); "checkpoint" gives auto for a model that points at tokens (`pointing`, the
+    checkpoint's), 1 for regression pointing, which has no token grid to size the crops."""
+    if text != FROM_CHECKPOINT:
+        return parse_tiles(text)
+    return 0 if pointing == "token" else 1
+
+
 def points_per_step_errors(text: str) -> list[str]:
     if text == FROM_CHECKPOINT:
         return []
@@ -425,10 +446,7 @@ def main(argv=None) -> int:
                                "both)")
         done_threshold: float = arg(0.5, "stop when sigmoid(done) exceeds this")
         max_count: int = arg(MAX_COUNT, "stop after this many points")
-        tiles: str = arg("1", "N: count on N x N overlapping crops, each at the whole image's resolution, points "
-                         "merged so an object on a seam counts once (for objects much smaller than an image token); "
-                         "auto: the grid from the model's own estimate of the objects' size at a first forward, "
-                         "zoomed toward the width of the objects it trained on (the checkpoint's object_tokens)")
+        tiles: str = arg(FROM_CHECKPOINT, TILES_HELP)
         points_per_step: str = arg(FROM_CHECKPOINT, POINTS_PER_STEP_HELP)
         device: str = arg("auto", "auto, cpu or cuda")
         model_name_or_path: str = arg("", "the base model's folder or hub id (default: the path saved in the "
@@ -451,7 +469,7 @@ def main(argv=None) -> int:
             errors.append("--protocol exemplar needs --exemplar_boxes or --mark_radius")
         elif cfg.exemplar_boxes and cfg.mark_radius:
             errors.append("--exemplar_boxes and --mark_radius both set the marks' size: give one of them")
-        errors += tiles_errors(cfg.tiles) + points_per_step_errors(cfg.points_per_step)
+        errors += tiles_option_errors(cfg.tiles) + points_per_step_errors(cfg.points_per_step)
         try:
             parse_boxes(cfg.exemplar_boxes)
         except ValueError as e:
@@ -476,7 +494,7 @@ def main(argv=None) -> int:
     settings = CountSettings(batch_size=1, done_threshold=cfg.done_threshold, max_count=cfg.max_count,
                              protocol=cfg.protocol,
                              points_per_step=points_per_step_for(cfg.points_per_step, cfg.checkpoint),
-                             tiles=parse_tiles(cfg.tiles), object_tokens=trained.object_tokens)
+                             tiles=tiles_for(cfg.tiles, trained.pointing), object_tokens=trained.object_tokens)
     result = count_images(model, [image], [cfg.class_name], settings, mark_radii=radii)[0]
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(cfg.image))[0]

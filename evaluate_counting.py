@@ -41,9 +41,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from count_objects import (FROM_CHECKPOINT, MAX_COUNT, POINTS_PER_STEP_HELP, PROTOCOLS, CountResult, CountSettings,
-                           base_override, count_images, points_per_step_errors, points_per_step_for)
-from tiles import parse_tiles, tiles_errors
+from count_objects import (FROM_CHECKPOINT, MAX_COUNT, POINTS_PER_STEP_HELP, PROTOCOLS, TILES_HELP, CountResult,
+                           CountSettings, base_override, count_images, points_per_step_errors, points_per_step_for,
+                           tiles_for, tiles_option_errors)
 from cli import UsageError, arg, parse_config, write_json_atomic
 from dataset_fsc147 import FSC147Dataset, draw_marks, mark_radius, object_size, unnamed_points
 from model_loading import load_checkpoint
@@ -65,11 +65,7 @@ class EvalConfig:
                                "what it cost")
     duplicate_guard: bool = arg(True, "a point within half an object size of a counted one is not counted: the loop takes "
                                 "the model's next candidate or stops the image (stopped_on_duplicates)")
-    tiles: str = arg("1", "N: count each image on N x N overlapping crops at the whole image's resolution, points "
-                     "merged so an object on a seam counts once (images denser than one encoding resolves); auto: N "
-                     "per image from the model's own size estimate at a first forward, against the width of the "
-                     "objects it trained on (the checkpoint's object_tokens; never the ground truth); results.json "
-                     "records tiles and forwards_per_image per image")
+    tiles: str = arg(FROM_CHECKPOINT, TILES_HELP + "; results.json records tiles and forwards_per_image per image")
     tune_threshold: str = arg("", "comma-separated done thresholds, e.g. 0.5,0.7,0.9,0.95,0.98: each is tried "
                               "on --tune_split, counted as --split will be (the same --points_per_step and --tiles), "
                               "and --split is counted at the one with the lowest MAE there (results.json records "
@@ -94,7 +90,7 @@ def validate_eval_config(cfg: EvalConfig) -> list[str]:
         errors.append("--done_threshold must be in (0, 1)")
     if cfg.protocol not in PROTOCOLS:
         errors.append(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
-    errors += points_per_step_errors(cfg.points_per_step) + tiles_errors(cfg.tiles)
+    errors += points_per_step_errors(cfg.points_per_step) + tiles_option_errors(cfg.tiles)
     if cfg.max_images < 0 or cfg.save_overlays < 0 or cfg.match_radius < 0 or cfg.tune_images < 0:
         errors.append("--max_images, --save_overlays, --match_radius and --tune_images must be >= 0")
     try:
@@ -399,7 +395,7 @@ def main(argv=None) -> int:
         model, trained = load_checkpoint(cfg.checkpoint, device=cfg.device, **base_override(cfg.model_name_or_path))
         settings = CountSettings(cfg.batch_size, cfg.done_threshold, cfg.max_count, cfg.protocol,
                                  points_per_step_for(cfg.points_per_step, cfg.checkpoint), cfg.duplicate_guard,
-                                 parse_tiles(cfg.tiles), object_tokens=trained.object_tokens)
+                                 tiles_for(cfg.tiles, trained.pointing), object_tokens=trained.object_tokens)
         tuning = {}
         if cfg.tune_threshold:  # chosen on another split before a single image of this one is read
             threshold, tuning = choose_threshold(cfg, model, settings)

@@ -184,6 +184,23 @@ def test_points_per_step_default_follows_how_the_checkpoint_trained(tmp_path, tr
     assert modes == [1, "auto"]
 
 
+def test_tiles_default_follows_the_checkpoints_pointing(tmp_path, trained_run, synth_root):
+    # token pointing: auto (0); regression pointing has no token grid to size crops: 1. An explicit mode wins.
+    assert [count_mod.tiles_for("checkpoint", p) for p in ("token", "regression")] == [0, 1]
+    assert count_mod.tiles_for("2", "token") == 2 and count_mod.tiles_for("auto", "regression") == 0
+    assert eval_mod.EvalConfig().tiles == "checkpoint" and count_mod.tiles_option_errors("checkpoint") == []
+    assert count_mod.tiles_option_errors("two")  # still a clear error
+    # End to end: the default on a token-pointing checkpoint counts with auto's grids (results.json's summary says
+    # which ran; tests/test_tiles.py: an image auto leaves whole costs one forward more, with the same points).
+    tiles = []
+    for flags in ([], ["--tiles", "1"]):
+        out = str(tmp_path / f"eval{len(flags)}")
+        assert eval_mod.main(["--checkpoint", os.path.join(trained_run, "checkpoint-last"), "--data_root", synth_root,
+                              "--output_dir", out, "--max_count", "3", "--max_images", "2", *flags]) == 0
+        tiles.append(json.load(open(os.path.join(out, "results.json")))["summary"]["tiles"])
+    assert tiles == ["auto", 1]
+
+
 class MarkReadingModel(ScriptedModel):
     """Counts the marks it sees in the image (red mark pixels / one mark's red pixels) and says done once
     it sees `image.width // 100` of them; points somewhere new each time. Blind to `counted`."""
@@ -404,7 +421,9 @@ def test_count_objects_cli_sizes_marks_from_exemplar_boxes(trained_run, tmp_path
     real = count_mod.count_objects
     monkeypatch.setattr(count_mod, "count_objects", lambda *a, **k: radii.append(k["mark_radii"]) or real(*a, **k))
     ckpt = os.path.join(trained_run, "checkpoint-last")
-    args = ["--checkpoint", ckpt, "--image", path, "--class_name", "x", "--out_dir", str(tmp_path), "--max_count", "1"]
+    # Untiled: on tiles each crop's marks are the radius times the crop's zoom (tests/test_tiles.py).
+    args = ["--checkpoint", ckpt, "--image", path, "--class_name", "x", "--out_dir", str(tmp_path), "--max_count", "1",
+            "--tiles", "1"]
     exemplar = args + ["--protocol", "exemplar"]
     assert count_mod.main(exemplar + ["--exemplar_boxes", "10,10,50,50; 100,100,140,140"]) == 0
     assert count_mod.main(exemplar + ["--mark_radius", "6"]) == 0

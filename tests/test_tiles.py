@@ -193,6 +193,13 @@ def test_auto_tiles_read_no_ground_truth(tmp_path):
     # px tokens = 0.8 -> ceil(0.875 - 0.25) = 1; the 8 px dots measure 8.8 px from their drawn area: 0.235 token ->
     # ceil(2.98 - 0.25) = 3).
     assert by_id[0]["sparse.jpg"]["tiles"] == 1 and by_id[0]["dense.jpg"]["tiles"] == 3
+    # An image auto leaves whole is counted as with --tiles 1 (the --tiles checkpoint default's cost): the same points,
+    # and one forward more, the first look (untiled: one forward commits the 6 dots, one says done).
+    whole = count_dataset(DotFinder(), FSC147Dataset(truth, "test"), CountSettings(points_per_step=0, tiles=1),
+                          progress=False)[0]
+    untiled = {r["id"]: r for r in whole}["sparse.jpg"]
+    assert untiled["forwards_per_image"] == 2 and by_id[0]["sparse.jpg"]["forwards_per_image"] == 3
+    assert by_id[0]["sparse.jpg"]["points"] == untiled["points"] and untiled["pred_count"] == 6
     assert by_id[0]["dense.jpg"]["pred_count"] == len(scenes["dense.jpg"][0])
     # Against a model trained on objects 2.4 tokens wide (the checkpoint's object_tokens): 2.4 / 0.8 = 3 -> 3 x 3.
     wide = count_dataset(DotFinder(), FSC147Dataset(truth, "test"), CountSettings(points_per_step=0, tiles=0,
