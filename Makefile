@@ -125,7 +125,7 @@ bench-unseen: $(STAMP) $(if $(findstring pretrained,$(subst pretrained-strict,,$
 # 61-80 objects are drawn smaller than training's, and the counter missed them untiled), and a test set at
 # FSC-147's scale (100 to 400 objects on 448 to 768 px images) counted the same two ways. On the pretrained stand-in
 # (DENSE_BACKBONES=random,pretrained adds the random row). 2,000 steps (17 to 35 min of training at 2 to 1 steps/s on
-# 2 cores, the issue's 40-minute cap as the safety net; 35 to 55 min in all per backbone).
+# 2 cores, the issue's 40-minute cap as the safety net; 47 min in all per backbone on a fast day, up to ~80 on a slow one).
 # The flags after $(BENCH_SETTINGS) override its values (the last occurrence wins).
 DENSE_BACKBONES ?= pretrained
 DENSE_SETTINGS := --steps 2000 --minutes 40 --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \

@@ -603,31 +603,36 @@ def plot_curves(cfg: BenchConfig, results: list[dict], path: str) -> None:
 
 
 def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> None:
-    """error_by_count.png: mean |pred - gt| and mean pred - gt against the true count (bins of 5), one line per
-    trained row (variant, protocol, points per step, test set)."""
+    """error_by_count.png: the relative error mean |pred - gt| / gt and the bias mean pred - gt against the true
+    count (bins of 5, log count axis so that 10 and 400 objects both show), one line per trained row (variant,
+    protocol, points per step, test set); tiled rows dashed, each row its own colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for r in results:
-        if "results_file" not in r:
-            continue
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    trained = [r for r in results if "results_file" in r]
+    colours = plt.get_cmap("tab20")
+    for i, r in enumerate(trained):
         images = json.load(open(os.path.join(cfg.output_dir, r["run_dir"], r["results_file"])))["images"]
-        gt = np.array([i["gt_count"] for i in images])
-        err = np.array([i["pred_count"] for i in images]) - gt
+        gt = np.array([im["gt_count"] for im in images])
+        err = np.array([im["pred_count"] for im in images]) - gt
         bins = sorted(set((gt - 1) // 5))
         centres = [5 * b + 3 for b in bins]
+        tiled = r.get("tiles", "1") != "1"
         label = (f"{r['run_dir'].replace('_', ' ')} {r['protocol']} {r['points_per_step']}/step {r['test_set']}"
-                 + (f" tiles {r['tiles']}" if r.get('tiles', '1') != '1' else ''))
-        axes[0].plot(centres, [np.abs(err[(gt - 1) // 5 == b]).mean() for b in bins], marker="o", label=label)
-        axes[1].plot(centres, [err[(gt - 1) // 5 == b].mean() for b in bins], marker="o", label=label)
-    for ax, title in zip(axes, ("mean |pred - gt| by true count", "mean pred - gt by true count")):
+                 + (f" tiles {r['tiles']}" if tiled else ""))
+        style = {"marker": "o", "markersize": 3, "label": label, "color": colours(i % 20),
+                 "linestyle": "--" if tiled else "-"}
+        axes[0].plot(centres, [np.mean(np.abs(err[(gt - 1) // 5 == b]) / gt[(gt - 1) // 5 == b]) for b in bins], **style)
+        axes[1].plot(centres, [err[(gt - 1) // 5 == b].mean() for b in bins], **style)
+    for ax, title in zip(axes, ("mean |pred - gt| / gt by true count", "mean pred - gt by true count")):
         ax.set_title(title)
-        ax.set_xlabel("objects in the image (bins of 5)")
-        ax.legend(fontsize=7)
+        ax.set_xlabel("objects in the image (bins of 5, log scale)")
+        ax.set_xscale("log")
     axes[1].axhline(0, color="grey", linewidth=0.5)
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
