@@ -136,16 +136,17 @@ bench-dense: $(STAMP) $(if $(findstring pretrained,$(DENSE_BACKBONES)),$(PRETRAI
 		--large_objects 100,400 --large_image_size 448,768 --large_tiles 1,auto --large_images 50 $(DENSE_SETTINGS)
 
 # The seed's plan on dense scenes: the attention model's modules added back one at a time (working memory, +
-# foveation, + cross-attention, + reasoning) beside simple-token (no module), the same data and test images as
-# bench-dense (its 10-60 and 61-80 sets, at its --pixel_scale 2), in reading order (bench-dense's targets until
-# 2026-12-05; it trains with nearest targets since, and this table has not been re-run on them), 2,000 steps per
-# row as bench-dense (~40 min per row on 2 cores, ~3.5 h in all). MODULE_SETS picks the rows, MODULE_STEPS the
-# budget.
+# foveation, + cross-attention, + reasoning) beside simple-token (no module), on bench-dense's recipe (nearest
+# targets, --pixel_scale 2, its 10-60 and 61-80 sets) counted with every confident point per forward, untiled and
+# on tiles (the mode bench-dense recommends). RESULTS.md 1c's module table was measured in reading order at scale 1
+# (2026-12-02) and has not been run on this recipe yet. 2,000 steps per row as bench-dense (~25-45 min per row on 2
+# cores, 2 to 4 h in all). MODULE_SETS picks the rows, MODULE_STEPS the budget.
 MODULE_SETS ?= memory,memory+foveation,memory+foveation+cross_attention,memory+foveation+cross_attention+reasoning
 MODULE_STEPS ?= 2000
 bench-dense-modules: $(STAMP) $(if $(findstring pretrained,$(DENSE_BACKBONES)),$(PRETRAINED)/pretrain.json)
-	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense_modules --variants mean,simple-token,attention-token \
-		--attention_modules $(MODULE_SETS) $(DENSE_SETTINGS) --steps $(MODULE_STEPS)
+	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense_modules \
+		--variants mean,simple-token-nearest,attention-token-nearest --attention_modules $(MODULE_SETS) \
+		$(DENSE_SETTINGS) --steps $(MODULE_STEPS) --points_per_step auto
 
 # Qwen2-VL-2B's architecture with random weights (built once into models/, ~4.4 GB) through the real
 # 4-bit + LoRA path: one training step at batch 2 on 384 x 576 images, one counting step (CPU: ~15 min).
