@@ -85,7 +85,9 @@ TILES_HELP = ("N: count on N x N overlapping crops, each at the whole image's re
 
 
 def tiles_option_errors(text: str) -> list[str]:
-    return [] if text == FROM_CHECKPOINT else tiles_errors(text)
+    if text == FROM_CHECKPOINT or not tiles_errors(text):
+        return []
+    return [f"--tiles must be a positive number (N: N x N crops), auto or {FROM_CHECKPOINT}, got {text!r}"]
 
 
 def tiles_for(text: str, pointing: str) -> int:
