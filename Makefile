@@ -125,12 +125,14 @@ bench-unseen: $(STAMP) $(if $(findstring pretrained,$(subst pretrained-strict,,$
 # 61-80 objects are drawn smaller than training's, and the counter missed them untiled), and a test set at
 # FSC-147's scale (100 to 400 objects on 448 to 768 px images) counted the same two ways. On the pretrained stand-in
 # (DENSE_BACKBONES=random,pretrained adds the random row). 2,000 steps (17 to 35 min of training at 2 to 1 steps/s on
-# 2 cores, the issue's 40-minute cap as the safety net; 47 min in all per backbone on a fast day, up to ~80 on a slow one).
+# 2 cores, the issue's 40-minute cap as the safety net; 47 min in all per backbone on a fast day, up to ~80 on a
+# slow one).
 # The flags after $(BENCH_SETTINGS) override its values (the last occurrence wins).
 DENSE_BACKBONES ?= pretrained
 DENSE_SETTINGS := --steps 2000 --minutes 40 --min_objects 10 --max_objects 60 --min_gap 1 --max_count 120 \
 	--points_per_step 1,auto,4 --tiles 1,auto --beyond_objects 61,80 --protocol text --backbone $(DENSE_BACKBONES) \
-	--finetune full $(BENCH_SETTINGS) --test_images 100 --eval_images 20 --tune_threshold 0.5,0.7,0.9,0.95,0.98,0.99 --pixel_scale 2
+	--finetune full $(BENCH_SETTINGS) --test_images 100 --eval_images 20 --tune_threshold 0.5,0.7,0.9,0.95,0.98,0.99 \
+	--pixel_scale 2
 bench-dense: $(STAMP) $(if $(findstring pretrained,$(DENSE_BACKBONES)),$(PRETRAINED)/pretrain.json)
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_dense --variants mean,simple-token-nearest \
 		--large_objects 100,400 --large_image_size 448,768 --large_tiles 1,auto --large_images 50 $(DENSE_SETTINGS)

@@ -618,15 +618,16 @@ def plot_error_by_count(cfg: BenchConfig, results: list[dict], path: str) -> Non
         images = json.load(open(os.path.join(cfg.output_dir, r["run_dir"], r["results_file"])))["images"]
         gt = np.array([im["gt_count"] for im in images])
         err = np.array([im["pred_count"] for im in images]) - gt
-        bins = sorted(set((gt - 1) // 5))
+        which = (gt - 1) // 5  # each image's bin
+        bins = sorted(set(which))
         centres = [5 * b + 3 for b in bins]
         tiled = r.get("tiles", "1") != "1"
         label = (f"{r['run_dir'].replace('_', ' ')} {r['protocol']} {r['points_per_step']}/step {r['test_set']}"
                  + (f" tiles {r['tiles']}" if tiled else ""))
         style = {"marker": "o", "markersize": 3, "label": label, "color": colours(i % 20),
                  "linestyle": "--" if tiled else "-"}
-        axes[0].plot(centres, [np.mean(np.abs(err[(gt - 1) // 5 == b]) / gt[(gt - 1) // 5 == b]) for b in bins], **style)
-        axes[1].plot(centres, [err[(gt - 1) // 5 == b].mean() for b in bins], **style)
+        axes[0].plot(centres, [np.mean(np.abs(err[which == b]) / gt[which == b]) for b in bins], **style)
+        axes[1].plot(centres, [err[which == b].mean() for b in bins], **style)
     for ax, title in zip(axes, ("mean |pred - gt| / gt by true count", "mean pred - gt by true count")):
         ax.set_title(title)
         ax.set_xlabel("objects in the image (bins of 5, log scale)")

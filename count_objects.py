@@ -15,7 +15,7 @@ the model, stop if sigmoid(done) > --done_threshold, else add the predicted (x, 
 Dense images (objects much smaller than an image token): --tiles N counts on N x N overlapping crops, each
 resized to the whole image's pixel count, and merges their points (tiles.py); --tiles auto chooses N per image
 from the model's own size estimate at a first forward, against the objects' width it trained on (its checkpoint's
-object_tokens).
+object_tokens). The default, --tiles checkpoint, is auto for a token-pointing checkpoint, 1 for regression.
     python count_objects.py --checkpoint RUN/checkpoint-best --image crowd.jpg --class_name "people" --tiles auto
 Several points per forward (--points_per_step N or auto): by default (checkpoint) what suits how the checkpoint
 trained: auto after nearest targets (any uncounted object was a right next point), 1 after reading order.
@@ -40,7 +40,7 @@ from cli import UsageError, arg, parse_config, parse_positive_or_auto
 from dataset_fsc147 import (MARK_TO_OBJECT, clip_points, denormalize_points, draw_marks, load_rgb, mark_radius,
                             normalize_points, radius_for_size)
 from model_loading import device_of, load_checkpoint
-from tiles import DEFAULT_OBJECT_TOKENS, merge_tile_points, parse_tiles, tile_grid, tiles_errors, tiles_for_object_size
+from tiles import DEFAULT_OBJECT_TOKENS, merge_tile_points, parse_tiles, tile_grid, tiles_for_object_size
 
 
 MAX_COUNT = 4000  # default cap on points per image: above FSC-147's densest image (3,731 objects)
@@ -84,10 +84,19 @@ TILES_HELP = ("N: count on N x N overlapping crops, each at the whole image's re
               "regression pointing (no token grid to size the crops)")
 
 
-def tiles_option_errors(text: str) -> list[str]:
-    if text == FROM_CHECKPOINT or not tiles_errors(text):
+def option_errors(text: str, parse, flag: str, numbers: str) -> list[str]:
+    """[] when `text` is "checkpoint" or `parse` (a number or auto) takes it, else one message naming `flag`."""
+    if text == FROM_CHECKPOINT:
         return []
-    return [f"--tiles must be a positive number (N: N x N crops), auto or {FROM_CHECKPOINT}, got {text!r}"]
+    try:
+        parse(text)
+        return []
+    except ValueError:
+        return [f"{flag} must be {numbers}, auto or {FROM_CHECKPOINT}, got {text!r}"]
+
+
+def tiles_option_errors(text: str) -> list[str]:
+    return option_errors(text, parse_tiles, "--tiles", "a positive number (N: N x N crops)")
 
 
 def tiles_for(text: str, pointing: str) -> int:
@@ -99,13 +108,7 @@ def tiles_for(text: str, pointing: str) -> int:
 
 
 def points_per_step_errors(text: str) -> list[str]:
-    if text == FROM_CHECKPOINT:
-        return []
-    try:
-        parse_points_per_step(text)
-        return []
-    except ValueError:
-        return [f"--points_per_step must be a positive number, auto or {FROM_CHECKPOINT}, got {text!r}"]
+    return option_errors(text, parse_points_per_step, "--points_per_step", "a positive number")
 
 
 def points_per_step_for(text: str, checkpoint: str) -> int:
