@@ -33,8 +33,8 @@ clean-demo:
 	rm -rf demo runs/demo
 
 # The pretrained stand-in for Qwen2-VL-2B (pretrain_tiny.py): the tiny Qwen2-VL taught which class is where, the
-# class names and reading numbered marks, never counting; built once (4,000 steps, shape loss x 5: ~14-18 min on 2
-# cores) from a fixed seed and rebuilt when its scripts change. Bit-identical over a few steps
+# class names and reading numbered marks, never counting; built once (10,000 steps, shape loss x 5: 22 min on 2 fast
+# cores, ~60 on the slowest seen) from a fixed seed and rebuilt when its scripts change. Bit-identical over a few steps
 # (tests/test_pretrain.py); two 3,000-step builds of one commit on this machine differed by up to 0.04 in held-out
 # scores (RESULTS.md 1d). The strict one never
 # sees bench-unseen's held-out colour + shape pairs.
