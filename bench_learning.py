@@ -105,6 +105,9 @@ class BenchConfig:
                            "colour + shape pairs never seen in training; every colour and shape is)")
     distractors: int = arg(0, "each image also holds objects of 1 to K other classes, unannotated")
     distractor_objects: int = arg(6, "objects per distractor class: 1 to this many")
+    confusers: float = arg(0.0, "with --fresh_images and --distractors: the share of training images whose other "
+                           "classes all share the named class's colour or shape (hard negatives; val and test "
+                           "images unchanged; 0: drawn from every training class)")
     distinct_colours: bool = arg(False, "every class has its own colour (the colour word tells classes apart)")
     min_gap: float = arg(4.0, "pixels between neighbouring objects' edges (0: touching)")
     protocol: str = arg("text", "comma-separated counting protocols, one result row each: text (marks sized from "
@@ -228,6 +231,11 @@ def validate(cfg: BenchConfig) -> list[str]:
             errors.append(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.other_object_weight <= 0:
         errors.append(f"--other_object_weight must be > 0, got {cfg.other_object_weight}")
+    if not 0 <= cfg.confusers <= 1:
+        errors.append(f"--confusers must be in [0, 1], got {cfg.confusers}")
+    elif cfg.confusers and not (cfg.fresh_images and cfg.distractors):
+        errors.append("--confusers picks the other classes of fresh training images: it needs --fresh_images and "
+                      "--distractors")
     if cfg.steps < 1:
         errors.append(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.minutes < 0:
@@ -401,6 +409,7 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str,
         prompt_position="before" if "before" in suffixes else "after",
         class_binding="film" if "film" in suffixes else "add",
         finetune="full" if finetune == "full" else "lora", synthetic_train=cfg.fresh_images,
+        synthetic_confusers=cfg.confusers,
         mark_jitter=cfg.mark_jitter, mark_size_jitter=cfg.mark_size_jitter, negative_prompts=cfg.negative_prompts,
         object_map_focal=cfg.object_map_focal, other_object_weight=cfg.other_object_weight, class_loss=cfg.class_loss,
         load_in_4bit=finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,

@@ -35,7 +35,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from cli import UsageError, config_from_dict, parse_config
-from synthetic_fsc147 import SynthConfig, distractor_pools, synth_scene, synth_split_classes, validate_synth
+from synthetic_fsc147 import (SynthConfig, confuser_classes, distractor_pools, synth_scene, synth_split_classes,
+                              validate_synth)
 
 logger = logging.getLogger(__name__)
 
@@ -628,10 +629,11 @@ class SyntheticTrainImages(torch.utils.data.Dataset):
     the same image (resume and several processes work as with files).
 
     Same classes, distractors, sizes and object counts as the dataset's train split; JPEG-compressed in
-    memory as the written files are.
+    memory as the written files are. With `confusers` > 0, that share of the images (hard negatives) take their
+    distractor classes only from those sharing the named class's colour or shape, where it has any.
     """
 
-    def __init__(self, root: str, length: int = 10**6):
+    def __init__(self, root: str, length: int = 10**6, confusers: float = 0.0):
         path = os.path.join(root, SYNTH_CONFIG_FILE)
         if not os.path.isfile(path):
             raise UsageError(f"{path} is missing: training on fresh synthetic images needs a data root written "
@@ -641,6 +643,7 @@ class SyntheticTrainImages(torch.utils.data.Dataset):
         self.pool = distractor_pools({"train": self.classes})["train"]
         self.class_names = sorted(c[0] for c in self.classes)
         self.length = length
+        self.confusers = confusers
         self.num_skipped = 0
 
     def __len__(self) -> int:
@@ -648,7 +651,12 @@ class SyntheticTrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         rng = np.random.default_rng([self.cfg.seed, 7919, index])
-        return synth_sample(rng, self.cfg, self.classes[index % len(self.classes)], f"synth-{index}", self.pool)
+        cls = self.classes[index % len(self.classes)]
+        pool, hard = self.pool, confuser_classes(cls, self.pool)
+        # Drawn only when asked for, so that confusers=0 gives the same images draw for draw.
+        if self.confusers > 0 and rng.random() < self.confusers and hard:
+            pool = [cls] + hard
+        return synth_sample(rng, self.cfg, cls, f"synth-{index}", pool)
 
 
 def synth_sample(rng: np.random.Generator, cfg: SynthConfig, cls: tuple[str, str, str], image_id: str,

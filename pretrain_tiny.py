@@ -56,7 +56,8 @@ import torch.nn.functional as F
 
 from cli import arg, parse_config, write_json_atomic
 from dataset_fsc147 import draw_marks, radius_for_size
-from synthetic_fsc147 import COLOURS, SHAPES, SynthClass, SynthConfig, class_of, synth_scene, synth_split_classes
+from synthetic_fsc147 import (COLOURS, SHAPES, SynthClass, SynthConfig, class_of, confuser_classes, synth_scene,
+                              synth_split_classes)
 
 ALL_CLASSES: list[SynthClass] = [class_of(shape, colour) for colour in COLOURS for shape in SHAPES]  # 64
 COLOUR_INDEX = {c: i + 1 for i, c in enumerate(COLOURS)}  # 0: background
@@ -173,11 +174,6 @@ class Example:
 
 def parse_densities(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
-
-
-def confuser_classes(named: SynthClass, classes: list[SynthClass]) -> list[SynthClass]:
-    """The classes other than `named` that share its colour or its shape (told apart only by the other)."""
-    return [c for c in classes if c != named and (c[1] == named[1] or c[2] == named[2])]
 
 
 def make_example(rng: np.random.Generator, cfg: PretrainConfig, classes: list[SynthClass],

@@ -175,6 +175,11 @@ def synth_split_classes(cfg: SynthConfig, rng: np.random.Generator) -> dict[str,
             "test": classes[n_train_cls + n_val_cls:]}
 
 
+def confuser_classes(named: SynthClass, classes: list[SynthClass]) -> list[SynthClass]:
+    """The classes other than `named` that share its colour or its shape (told apart only by the other)."""
+    return [c for c in classes if c != named and (c[1] == named[1] or c[2] == named[2])]
+
+
 def distractor_pools(split_classes: dict[str, list[SynthClass]]) -> dict[str, list[SynthClass]]:
     """The classes that may appear unnamed in each split's images: the training classes, plus the split's
     own (so training images never show a val or test class, and test images mix seen and unseen ones)."""

@@ -88,6 +88,9 @@ class TrainConfig(ModelConfig):
     synthetic_train: bool = arg(False, "train on fresh synthetic images (the generator settings in DATA_ROOT/"
                                 "synth_config.json, written by `dataset_fsc147.py synth`) instead of the train split: "
                                 "no image is seen twice; validation still uses DATA_ROOT's val split")
+    synthetic_confusers: float = arg(0.0, "with --synthetic_train on a generator with distractors: the share of "
+                                     "images whose other classes all share the named class's colour or shape (hard "
+                                     "negatives, where it has such classes; 0: drawn from every training class)")
     # optimisation
     batch_size: int = arg(2, "counting states per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
@@ -149,6 +152,10 @@ def validate_train_config(cfg: TrainConfig) -> list[str]:
     if cfg.synthetic_train and (cfg.max_train_images or cfg.train_split != "train"):
         errors.append("--synthetic_train draws new images of the generator's training classes and reads no split: "
                       "--max_train_images and --train_split do not apply to it (drop them, or drop --synthetic_train)")
+    if not 0 <= cfg.synthetic_confusers <= 1:
+        errors.append(f"--synthetic_confusers must be in [0, 1], got {cfg.synthetic_confusers}")
+    elif cfg.synthetic_confusers and not cfg.synthetic_train:
+        errors.append("--synthetic_confusers draws the distractors of fresh synthetic images: it needs --synthetic_train")
     if not 0 <= cfg.mark_jitter <= 1:
         errors.append(f"--mark_jitter must be in [0, 1], got {cfg.mark_jitter}")
     for name in ("near_done_fraction", "skip_fraction"):
@@ -194,7 +201,7 @@ def build_data(cfg: TrainConfig):
     """Training and validation datasets (FSC147Dataset) of the configured splits."""
     val = FSC147Dataset(cfg.data_root, cfg.val_split)
     if cfg.synthetic_train:
-        return SyntheticTrainImages(cfg.data_root), val
+        return SyntheticTrainImages(cfg.data_root, confusers=cfg.synthetic_confusers), val
     train = FSC147Dataset(cfg.data_root, cfg.train_split, max_images=cfg.max_train_images)
     return train, val
 

@@ -66,6 +66,27 @@ def test_distractors_are_drawn_but_only_the_named_class_is_annotated(tmp_path):
     assert fresh.all_points is not None and len(fresh.all_points) > len(fresh.points)
 
 
+def test_confuser_share_gives_training_images_only_same_colour_or_shape_neighbours(tmp_path):
+    """--confusers 1: every fresh training image of a class that has a training class of its colour or shape holds
+    only such classes besides its own; --confusers 0 leaves the images as they were, some with neither."""
+    root = str(tmp_path / "c")
+    write_synthetic_fsc147(SynthConfig(out=root, num_images=10, seed=1, num_classes=6, class_split="shared",
+                                       distractors=2, **SMALL))
+    shares = lambda a, b: a.split(" ")[0] == b.split(" ")[0] or a.split(" ")[1] == b.split(" ")[1]
+    plain, hard = SyntheticTrainImages(root), SyntheticTrainImages(root, confusers=1.0)
+    names = plain.class_names
+    checked = unlike = 0
+    for i in range(24):
+        a, b = plain[i], hard[i]
+        assert a.class_name == b.class_name and b.other_classes
+        assert np.array_equal(a.points, SyntheticTrainImages(root, confusers=0.0)[i].points)
+        unlike += not all(shares(a.class_name, o) for o in a.other_classes)
+        if any(shares(b.class_name, n) for n in names if n != b.class_name):
+            assert all(shares(b.class_name, o) for o in b.other_classes), (b.class_name, b.other_classes)
+            checked += 1
+    assert checked >= 12 and unlike >= 6
+
+
 def test_without_distractors_the_annotation_has_no_all_points(synth_root):
     ann = json.load(open(os.path.join(synth_root, ANNOTATION_FILE)))
     assert not any("all_points" in entry for entry in ann.values())
