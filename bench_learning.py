@@ -294,6 +294,11 @@ def backbone_dir(cfg: BenchConfig, backbone: str) -> str:
     return {"pretrained": cfg.pretrained_dir, "pretrained-strict": cfg.pretrained_strict_dir}[backbone]
 
 
+def finetune_label(cfg: BenchConfig, finetune: str) -> str:
+    """The finetune column of a row: "+vision" on LoRA rows whose adapters reach the vision tower too."""
+    return finetune + ("+vision" if cfg.lora_vision and finetune != "full" else "")
+
+
 def module_sets(cfg: BenchConfig, variant: str) -> list[str]:
     """The attention-module sets a variant trains once each ('memory+foveation'); [''] for the simple model."""
     return parse_variants(cfg.attention_modules) if variant.split("-")[0] == "attention" else [""]
@@ -539,7 +544,8 @@ def run_variant(cfg: BenchConfig, variant: str, data_root: str, model_dir: str, 
     from train_sequential_attention import train
 
     tcfg = train_config(cfg, variant, data_root, model_dir, backbone, finetune, modules)
-    which = {"variant": variant, "attention_modules": modules or None, "backbone": backbone, "finetune": finetune,
+    which = {"variant": variant, "attention_modules": modules or None, "backbone": backbone,
+             "finetune": finetune_label(cfg, finetune),
              "run_dir": run_name(variant, backbone, finetune, modules)}
     start = time.perf_counter()
     try:

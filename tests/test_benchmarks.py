@@ -155,6 +155,20 @@ def test_pixel_scale_sets_the_processors_resolution(capsys):
     assert "--pixel_scale must be in [0.25, 4]" in capsys.readouterr().err
 
 
+def test_lora_vision_reaches_the_vision_blocks_and_says_so_in_the_row():
+    """--lora_vision: the LoRA run's targets add the vision blocks' qkv, proj, fc1, fc2 to the language model's
+    seven projections, and its rows read lora4bit+vision; full fine-tuning trains every weight, so no label."""
+    vision = bench_learning.BenchConfig(lora_vision=True)
+    targets = bench_learning.train_config(vision, "simple-token", "data", "model", finetune="lora4bit").lora_target_modules
+    assert targets.split(",") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                  "qkv", "proj", "fc1", "fc2"]
+    assert "qkv" not in bench_learning.train_config(bench_learning.BenchConfig(), "simple-token", "data", "model",
+                                                    finetune="lora4bit").lora_target_modules
+    assert bench_learning.finetune_label(vision, "lora4bit") == "lora4bit+vision"
+    assert bench_learning.finetune_label(vision, "full") == "full"
+    assert bench_learning.finetune_label(bench_learning.BenchConfig(), "lora4bit") == "lora4bit"
+
+
 def test_a_signal_during_training_stops_the_benchmark(tmp_path, monkeypatch, capsys):
     """Ctrl-C in a variant's training (train returns interrupted) ends the benchmark with exit code 130 and writes
     no results table of the shortened run; the next variant is not trained."""
