@@ -644,6 +644,7 @@ class SyntheticTrainImages(torch.utils.data.Dataset):
         self.class_names = sorted(c[0] for c in self.classes)
         self.length = length
         self.confusers = confusers
+        self.hard_pools = {c: confuser_classes(c, self.pool) for c in self.classes}  # per named class, once
         self.num_skipped = 0
 
     def __len__(self) -> int:
@@ -652,10 +653,10 @@ class SyntheticTrainImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Sample:
         rng = np.random.default_rng([self.cfg.seed, 7919, index])
         cls = self.classes[index % len(self.classes)]
-        pool, hard = self.pool, confuser_classes(cls, self.pool)
+        pool = self.pool
         # Drawn only when asked for, so that confusers=0 gives the same images draw for draw.
-        if self.confusers > 0 and rng.random() < self.confusers and hard:
-            pool = [cls] + hard
+        if self.confusers > 0 and rng.random() < self.confusers and self.hard_pools[cls]:
+            pool = [cls] + self.hard_pools[cls]
         return synth_sample(rng, self.cfg, cls, f"synth-{index}", pool)
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dataset_fsc147 import (ANNOTATION_FILE, CLASS_FILE, IMAGE_DIR, SPLIT_FILE, FSC147Dataset, SyntheticTrainImages,
-                            read_class_file, write_synthetic_fsc147)
+                            read_class_file, synth_sample, write_synthetic_fsc147)
 from dataset_fsc147 import main as dataset_main
 from synthetic_fsc147 import (COLOURS, PLURALS, SynthConfig, compositional_classes, distractor_pools, synth_scene,
                               validate_synth)
@@ -79,7 +79,10 @@ def test_confuser_share_gives_training_images_only_same_colour_or_shape_neighbou
     for i in range(24):
         a, b = plain[i], hard[i]
         assert a.class_name == b.class_name and b.other_classes
-        assert np.array_equal(a.points, SyntheticTrainImages(root, confusers=0.0)[i].points)
+        # confusers=0: the image the generator drew before the option existed (same seed, the whole pool).
+        before = synth_sample(np.random.default_rng([plain.cfg.seed, 7919, i]), plain.cfg,
+                              plain.classes[i % len(plain.classes)], f"synth-{i}", plain.pool)
+        assert np.array_equal(a.points, before.points) and a.other_classes == before.other_classes
         unlike += not all(shares(a.class_name, o) for o in a.other_classes)
         if any(shares(b.class_name, n) for n in names if n != b.class_name):
             assert all(shares(b.class_name, o) for o in b.other_classes), (b.class_name, b.other_classes)
