@@ -84,6 +84,10 @@ class BenchConfig:
     steps: int = arg(1000, "optimizer steps per trained variant (the lr schedule spans them)")
     minutes: float = arg(0.0, "also stop each variant after this many minutes of training (0: no limit)")
     seed: int = arg(0, "seed for data, tiny-model weights, heads and training order")
+    train_seed: int = arg(-1, "seed of the training alone (heads' and adapters' init, which fresh training images in "
+                          "which order, which val images pick checkpoint-best), the classes, test images and random "
+                          "backbone staying --seed's: rows across train seeds give the bench's training noise; "
+                          "-1: --seed")
     # data
     num_images: int = arg(1500, "synthetic images over all splits (60% train, 20% val, 20% test)")
     min_objects: int = arg(1, "fewest objects per image")
@@ -176,7 +180,7 @@ class BenchConfig:
     done_threshold: float = arg(0.5, "counting loop: stop when sigmoid(done) exceeds this (see --tune_threshold)")
     tune_threshold: str = arg("", "comma-separated done thresholds tried on the val split, once per "
                               "points-per-forward mode; each mode's test rows are counted at the one with its lowest "
-                              "val MAE (empty: use --done_threshold)")
+                              "val MAE, a tie going to the one nearest --done_threshold (empty: use --done_threshold)")
     num_workers: int = arg(0, "DataLoader workers per training run (0: decode in the training process)")
 
 
@@ -240,6 +244,8 @@ def validate(cfg: BenchConfig) -> list[str]:
         errors.append(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.minutes < 0:
         errors.append(f"--minutes must be >= 0, got {cfg.minutes}")
+    if cfg.train_seed < -1:
+        errors.append(f"--train_seed must be >= 0 (or -1: --seed), got {cfg.train_seed}")
     if cfg.num_images < 5:
         errors.append(f"--num_images must be >= 5, got {cfg.num_images}")
     if not 1 <= cfg.min_objects <= cfg.max_objects:
@@ -422,7 +428,8 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str,
         min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,
         max_minutes=cfg.minutes, lr=cfg.lora_lr if finetune != "full" and cfg.lora_lr else cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule,
         near_done_fraction=cfg.near_done_fraction, skip_fraction=cfg.skip_fraction,
-        seed=cfg.seed, log_every=1, eval_every=cfg.eval_every, count_every=0, eval_states=32,
+        seed=cfg.seed if cfg.train_seed < 0 else cfg.train_seed, log_every=1, eval_every=cfg.eval_every,
+        count_every=0, eval_states=32,
         eval_images=cfg.eval_images,
         eval_overlays=0, max_count=cfg.max_count, done_threshold=cfg.done_threshold, save_every=0,
         protocol=parse_variants(cfg.protocol)[0],
@@ -479,7 +486,7 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
     (`counting_modes`: --points_per_step x --tiles, and for the large set its own modes and tiles). The done threshold is
     chosen on val (untiled) under each protocol and points-per-forward mode, as `evaluate_counting.py` chooses it:
     a threshold suits the mode it was chosen in (several points per forward stop at other done probabilities)."""
-    from evaluate_counting import count_dataset
+    from evaluate_counting import count_dataset, pick_threshold
     from model_loading import load_checkpoint
     from train_sequential_attention import evaluate, fixed_val_batches
 
@@ -502,7 +509,7 @@ def count_rows(cfg: BenchConfig, variant: str, tcfg: TrainConfig, checkpoint: st
                 return cfg.done_threshold, {}
             if mode not in tuned:  # calibrated on val, never on test
                 maes = {t: count(val, t, mode, False)[1]["mae"] for t in parse_thresholds(cfg.tune_threshold)}
-                tuned[mode] = min(maes, key=maes.get), maes
+                tuned[mode] = pick_threshold(maes, cfg.done_threshold), maes
             return tuned[mode]
 
         for test_set, test in tests.items():

@@ -68,8 +68,8 @@ class EvalConfig:
     tiles: str = arg(FROM_CHECKPOINT, TILES_HELP + "; results.json records tiles and forwards_per_image per image")
     tune_threshold: str = arg("", "comma-separated done thresholds, e.g. 0.5,0.7,0.9,0.95,0.98: each is tried "
                               "on --tune_split, counted as --split will be (the same --points_per_step and --tiles), "
-                              "and --split is counted at the one with the lowest MAE there (results.json records "
-                              "both); empty: --done_threshold")
+                              "and --split is counted at the one with the lowest MAE there, a tie going to the one "
+                              "nearest --done_threshold (results.json records both); empty: --done_threshold")
     tune_split: str = arg("val", "the split the done threshold is chosen on (never the split being reported)")
     tune_images: int = arg(0, "images of --tune_split counted per threshold, a fixed sample spread over its classes "
                            "(0: all of them)")
@@ -106,6 +106,15 @@ def validate_eval_config(cfg: EvalConfig) -> list[str]:
 
 def parse_thresholds(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
+
+
+def pick_threshold(maes: dict[float, float], default: float = 0.5) -> float:
+    """The threshold with the lowest val MAE; among thresholds tied on it (val MAEs are multiples of 1 / images, so
+    ties are common), the one nearest `default` (the untuned --done_threshold), then the lower. Ties carry no
+    evidence for stopping earlier, which the first-listed, lowest threshold would assume."""
+    best = min(maes.values())
+    tied = [t for t, mae in maes.items() if mae - best < 1e-9]
+    return min(tied, key=lambda t: (round(abs(t - default), 9), t))  # rounded: |0.7 - 0.5| < |0.3 - 0.5| in floats
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -383,7 +392,7 @@ def choose_threshold(cfg: EvalConfig, model, settings: CountSettings) -> tuple[f
         _, summary, _, _ = count_dataset(model, tune, dataclasses.replace(settings, done_threshold=t),
                                          cfg.tune_images, cfg.match_radius)
         maes[t] = summary["mae"]
-    chosen = min(maes, key=maes.get)
+    chosen = pick_threshold(maes, cfg.done_threshold)
     return chosen, {"split": cfg.tune_split, "images": summary["n_images"], "mae_per_threshold": {str(t): m for t, m in
                     maes.items()}, "chosen": chosen}
 

@@ -215,3 +215,15 @@ def test_bench_counting_runs_every_step_on_an_untrained_model(capsys):
 
     assert bench_counting.main(["--num_images", "8", "--steps", "8", "--repeats", "1", "--batch_sizes", "1,8"]) == 0
     assert "| 8 |" in capsys.readouterr().out
+
+
+def test_train_seed_reseeds_the_training_and_keeps_the_data_seed(capsys):
+    """--train_seed 3 with --seed 0: the training run's seed is 3 (init, training images and their order), the
+    data's generator (classes, test images) stays at 0; unset (-1), training follows --seed."""
+    cfg = bench_learning.BenchConfig(seed=0, train_seed=3)
+    assert bench_learning.train_config(cfg, "simple-token", "data", "model").seed == 3
+    assert bench_learning.synth_config(cfg).seed == 0
+    assert bench_learning.train_config(bench_learning.BenchConfig(seed=5), "simple-token", "data", "model").seed == 5
+    with pytest.raises(SystemExit):
+        bench_learning.main(["--train_seed", "-2"])
+    assert "--train_seed must be >= 0" in capsys.readouterr().err

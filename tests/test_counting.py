@@ -539,6 +539,15 @@ def test_count_objects_cli_rejects_boxes_and_radius_together(trained_run, tmp_pa
     assert "--exemplar_boxes and --mark_radius both set the marks' size" in capsys.readouterr().err
 
 
+def test_a_tie_on_val_goes_to_the_threshold_nearest_the_default_not_the_lowest():
+    # bench-distractors' s15k row (RESULTS.md 1d): summed errors of 37 over 300 val images at 0.3, 0.4 and 0.7.
+    maes = {0.3: 37 / 300, 0.4: 37 / 300, 0.5: 40 / 300, 0.6: 38 / 300, 0.7: 37 / 300}
+    assert eval_mod.pick_threshold(maes, 0.5) == 0.4  # 0.1 from 0.5 against 0.2 for 0.3 and 0.7
+    assert eval_mod.pick_threshold(maes, 0.9) == 0.7
+    assert eval_mod.pick_threshold({0.3: 0.2, 0.7: 0.2}, 0.5) == 0.3  # as near: the lower
+    assert eval_mod.pick_threshold({0.3: 0.2, 0.9: 0.1, 0.5: 0.15}, 0.5) == 0.9  # no tie: the lowest MAE wins
+
+
 def test_tune_threshold_chooses_on_val_before_reading_a_test_image(trained_run, synth_root, tmp_path, monkeypatch):
     reads = []
     real = FSC147Dataset.__getitem__
