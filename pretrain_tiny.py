@@ -470,6 +470,7 @@ def probe_cnn(cfg: PretrainConfig) -> dict:
 def build(cfg: PretrainConfig):
     """The tiny random Qwen2-VL (the benchmarks' widths, this run's seed), its processor at the benchmarks'
     resolution, and the heads."""
+    from model_loading import use_matmul_patch_embedding
     from tiny_qwen2vl import TinyConfig, build_model, build_processor, build_tokenizer
 
     tiny = TinyConfig(out=cfg.out, seed=cfg.seed, vision_width=cfg.vision_width, vision_depth=cfg.vision_depth,
@@ -480,6 +481,7 @@ def build(cfg: PretrainConfig):
     processor = build_processor(tiny, tokenizer)
     torch.manual_seed(cfg.seed)
     backbone = build_model(tiny, tokenizer).train()
+    use_matmul_patch_embedding(backbone)  # as the counting scripts load it: the same function, 13% faster steps
     heads = PretrainHeads(backbone.config.text_config.hidden_size, vision=cfg.vision_heads > 0)
     return tiny, processor, backbone, heads
 

@@ -272,14 +272,20 @@ class Scene:
 def _place(rng, width, height, radius, count, placed, gap) -> list:
     """Up to `count` new non-overlapping discs (cx, cy, r) among `placed`; an object that finds no room
     in 200 tries is left out (annotations list only what was drawn)."""
-    new = []
+    new, taken = [], list(placed)
     for _ in range(count):
         for _attempt in range(200):
-            r = radius * float(rng.uniform(0.85, 1.15))
-            cx = float(rng.uniform(r + 2, width - r - 2))
-            cy = float(rng.uniform(r + 2, height - r - 2))
-            if all((cx - px) ** 2 + (cy - py) ** 2 > (r + pr + gap) ** 2 for px, py, pr in placed + new):
+            # low + (high - low) * rng.random() is rng.uniform(low, high) draw for draw, bit for bit, at a fifth of
+            # the cost: dense scenes try thousands of places, and pretraining draws a scene per example.
+            r = radius * (0.85 + (1.15 - 0.85) * rng.random())
+            cx = (r + 2) + ((width - r - 2) - (r + 2)) * rng.random()
+            cy = (r + 2) + ((height - r - 2) - (r + 2)) * rng.random()
+            for px, py, pr in taken:
+                if (cx - px) ** 2 + (cy - py) ** 2 <= (r + pr + gap) ** 2:
+                    break
+            else:  # clear of every disc
                 new.append((cx, cy, r))
+                taken.append((cx, cy, r))
                 break
     return new
 

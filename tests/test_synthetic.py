@@ -139,6 +139,31 @@ def test_dense_scenes_place_many_small_touching_objects():
     assert d.min() > 0.85 * size  # discs of radius >= 0.85 * r do not overlap
 
 
+def test_placement_draws_the_same_scenes_as_the_seeds_uniform_draws():
+    """`_place` draws its places with rng.random(); every benchmark's images and pretraining's scenes were drawn
+    with rng.uniform(low, high) and the check against `placed + new` written out: the same discs, draw for draw."""
+    from synthetic_fsc147 import _place
+
+    def reference(rng, width, height, radius, count, placed, gap):  # the generator as first written
+        new = []
+        for _ in range(count):
+            for _attempt in range(200):
+                r = radius * float(rng.uniform(0.85, 1.15))
+                cx, cy = float(rng.uniform(r + 2, width - r - 2)), float(rng.uniform(r + 2, height - r - 2))
+                if all((cx - px) ** 2 + (cy - py) ** 2 > (r + pr + gap) ** 2 for px, py, pr in placed + new):
+                    new.append((cx, cy, r))
+                    break
+        return new
+
+    for seed, (radius, count, gap) in enumerate([(20.0, 10, 4.0), (9.0, 60, 0.0), (30.0, 40, 1.0)]):
+        placed = [(50.0, 60.0, 12.0), (120.0, 100.0, 8.0)]
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        got, want = _place(a, 280, 224, radius, count, placed, gap), reference(b, 280, 224, radius, count, placed, gap)
+        assert got == want and 0 < len(want)  # every float equal, and the rngs left in the same state
+        assert a.random() == b.random()
+    assert len(want) < 40  # the last case runs out of room: the 200 tries of a left-out object are drawn too
+
+
 def test_size_scale_shrinks_objects():
     base = SynthConfig(min_objects=5, max_objects=5, **SMALL)
     small = SynthConfig(min_objects=5, max_objects=5, size_scale=0.5, **SMALL)
