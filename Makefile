@@ -33,11 +33,11 @@ clean-demo:
 	rm -rf demo runs/demo
 
 # The pretrained stand-in for Qwen2-VL-2B (pretrain_tiny.py): the tiny Qwen2-VL taught which class is where, the
-# class names and reading numbered marks, never counting; built once (10,000 steps, shape loss x 5: 22 min on 2 fast
-# cores, ~60 on the slowest seen) from a fixed seed and rebuilt when its scripts change. Bit-identical over a few steps
-# (tests/test_pretrain.py); two 3,000-step builds of one commit on this machine differed by up to 0.04 in held-out
-# scores (RESULTS.md 1d). The strict one never
-# sees bench-unseen's held-out colour + shape pairs.
+# class names and reading numbered marks, never counting; built once (10,000 steps, shape loss x 5: 18 min on 2 fast
+# cores, ~50 on the slowest seen) from a fixed seed and rebuilt when its own scripts change (not the helpers it
+# imports from dataset_fsc147 and model_loading). Bit-identical over a few steps (tests/test_pretrain.py); two builds
+# of one commit differed by up to 0.04 in held-out scores (RESULTS.md 1d). The strict one never sees bench-unseen's
+# held-out colour + shape pairs.
 PRETRAINED := models/tiny-pretrained
 PRETRAINED_STRICT := models/tiny-pretrained-strict
 PRETRAIN_SOURCES := pretrain_tiny.py tiny_qwen2vl.py synthetic_fsc147.py

@@ -2,7 +2,7 @@
 counting training (which class is where, the class names, reading the numbered marks drawn on an image) and
 nothing about counting.
 
-    python pretrain_tiny.py --out models/tiny-pretrained                 # = make tiny-pretrained (~22-60 min, 2 cores)
+    python pretrain_tiny.py --out models/tiny-pretrained                 # = make tiny-pretrained (~18-50 min, 2 cores)
     python pretrain_tiny.py --out models/tiny-pretrained-strict --strict # = make tiny-pretrained-strict
     python pretrain_tiny.py --out /tmp/pt --steps 20 --eval_images 8     # a quick look
     python pretrain_tiny.py --probe cnn --steps 1500                     # is the shape target learnable? (~11 min)
@@ -79,7 +79,7 @@ class PretrainConfig:
     strict_seed: int = arg(0, "with --strict: the benchmark seed whose compositional split is held out")
     strict_colours: int = arg(6, "with --strict: the compositional grid's size (bench-unseen's --num_colours)")
     seed: int = arg(1234, "pretraining's own seed (weights and scenes; no benchmark image is a pretraining image)")
-    steps: int = arg(10000, "optimizer steps (10,000: 22 min on 2 fast cores, ~60 on the slowest seen; 4,000 left "
+    steps: int = arg(10000, "optimizer steps (10,000: 18 min on 2 fast cores, ~50 on the slowest seen; 4,000 left "
                      "shape at 0.49 and bench-distractors at 0.800 against 0.69 and 0.853, RESULTS.md 1d)")
     minutes: float = arg(90.0, "safety cap, well above the steps' time: stop after this many minutes (pretrain.json "
                          "says so; a stopped build is not the default's weights)")
