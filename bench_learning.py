@@ -167,6 +167,8 @@ class BenchConfig:
     other_object_weight: float = arg(1.0, "object-map BCE weight at tokens holding an object the prompt does not "
                                      "name (distractors; 1: plain BCE)")
     class_loss: float = arg(0.0, "weight of the auxiliary per-token class cross-entropy (0: off)")
+    token_context: int = arg(0, "token-pointing variants: a k x k convolution over the image-token grid on the "
+                             "pointer's features (odd k, e.g. 3; 0: none)")
     attention_dim: int = arg(128, "width of the attention model's modules")
     attention_modules: str = arg(FULL_MODULES, "module sets of the attention variants, comma-separated, one "
                                  "trained run each (rows side by side, the seed's plan of adding them back one at a "
@@ -262,6 +264,8 @@ def validate(cfg: BenchConfig) -> list[str]:
         errors.append("--eval_every, --test_images, --warmup_steps and --num_workers must be >= 0")
     if not 0 < cfg.lr < 1 or not 0 <= cfg.lora_lr < 1:
         errors.append(f"--lr must be in (0, 1) and --lora_lr in [0, 1), got {cfg.lr}, {cfg.lora_lr}")
+    if cfg.token_context < 0 or cfg.token_context % 2 == 0 and cfg.token_context:
+        errors.append(f"--token_context must be 0 or an odd kernel size such as 3, got {cfg.token_context}")
     try:
         if not all(0 < t < 1 for t in parse_thresholds(cfg.tune_threshold) + [cfg.done_threshold]):
             errors.append("--done_threshold and --tune_threshold values must be in (0, 1)")
@@ -423,6 +427,7 @@ def train_config(cfg: BenchConfig, variant: str, data_root: str, model_dir: str,
         synthetic_confusers=cfg.confusers,
         mark_jitter=cfg.mark_jitter, mark_size_jitter=cfg.mark_size_jitter, negative_prompts=cfg.negative_prompts,
         object_map_focal=cfg.object_map_focal, other_object_weight=cfg.other_object_weight, class_loss=cfg.class_loss,
+        token_context=cfg.token_context if "token" in suffixes else 0,
         load_in_4bit=finetune == "lora4bit", lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
         lora_target_modules=targets, attention_dim=cfg.attention_dim, head_hidden=cfg.head_hidden,
         min_pixels=side * side, max_pixels=2 * side * side, batch_size=cfg.batch_size, max_steps=cfg.steps,

@@ -51,6 +51,8 @@ class ModelConfig:
                                "causal language model)")
     class_binding: str = arg("add", "with --pointing token, how the class query meets each image token: add "
                              "(added, then GELU) or film (the query also scales the token's features)")
+    token_context: int = arg(0, "with --pointing token: a k x k convolution over the image-token grid on the pointer's "
+                             "features, so each token also sees its neighbours (odd k, e.g. 3; 0: none)")
     class_vocabulary: str = arg("", "the classes of the auxiliary per-token class head, as a JSON list (set by "
                                 "training from its split when --class_loss > 0; saved with every checkpoint)")
     object_tokens: float = arg(0.0, "the training images' median object width in image tokens (measured by "
@@ -86,6 +88,10 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         errors.append(f"--pointing must be one of {POINTING_MODES}, got {cfg.pointing!r}")
     if cfg.prompt_position not in PROMPT_POSITIONS:
         errors.append(f"--prompt_position must be one of {PROMPT_POSITIONS}, got {cfg.prompt_position!r}")
+    if cfg.token_context < 0 or (cfg.token_context and cfg.token_context % 2 == 0):
+        errors.append(f"--token_context must be 0 or an odd kernel size such as 3, got {cfg.token_context}")
+    elif cfg.token_context and cfg.pointing != "token":
+        errors.append("--token_context needs --pointing token (it works on the image tokens' scores)")
     if cfg.class_binding not in CLASS_BINDINGS:
         errors.append(f"--class_binding must be one of {CLASS_BINDINGS}, got {cfg.class_binding!r}")
     if cfg.precision not in PRECISIONS:
@@ -296,11 +302,11 @@ def build_model(cfg: ModelConfig, checkpoint: str | None = None, trainable: bool
                                                  modules=tuple(attention_module_list(cfg)),
                                                  attention_dim=cfg.attention_dim, pointing=cfg.pointing,
                                                  prompt_position=cfg.prompt_position, class_binding=cfg.class_binding,
-                                                 class_vocabulary=class_vocabulary(cfg))
+                                                 class_vocabulary=class_vocabulary(cfg), token_context=cfg.token_context)
     else:
         model = SimpleSequentialModel(backbone, processor, head_hidden=cfg.head_hidden, pointing=cfg.pointing,
                                       prompt_position=cfg.prompt_position, class_binding=cfg.class_binding,
-                                      class_vocabulary=class_vocabulary(cfg))
+                                      class_vocabulary=class_vocabulary(cfg), token_context=cfg.token_context)
     for name, module in model.named_children():
         if name != "backbone":  # the backbone is already placed (4-bit needs device_map)
             module.to(device)

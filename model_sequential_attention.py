@@ -124,8 +124,10 @@ class SequentialAttentionCountingModel(SimpleSequentialModel):
 
     def __init__(self, backbone: nn.Module, processor, head_hidden: int = 256,
                  modules: tuple[str, ...] = ATTENTION_MODULES, attention_dim: int = 256, pointing: str = "regress",
-                 prompt_position: str = "after", class_binding: str = "add", class_vocabulary: tuple = ()):
-        super().__init__(backbone, processor, head_hidden, pointing, prompt_position, class_binding, class_vocabulary)
+                 prompt_position: str = "after", class_binding: str = "add", class_vocabulary: tuple = (),
+                 token_context: int = 0):
+        super().__init__(backbone, processor, head_hidden, pointing, prompt_position, class_binding, class_vocabulary,
+                         token_context)
         unknown = [m for m in modules if m not in ATTENTION_MODULES]
         if unknown:
             raise ValueError(f"unknown attention modules {unknown}; choose from {ATTENTION_MODULES}")

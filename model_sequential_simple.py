@@ -87,6 +87,34 @@ class PredictionHead(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(h)))).squeeze(-1)
 
 
+class TokenContext(nn.Module):
+    """A k x k convolution over the merged image-token grid, added to each token's pointer features, so a token also
+    sees its neighbours (which object an edge belongs to, a rim around a mark). Zero-initialised: it starts as no
+    context at all, and the weights still get gradient (the features they multiply are not zero)."""
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, h: torch.Tensor, token_xy: torch.Tensor, token_mask: torch.Tensor,
+                cell: torch.Tensor) -> torch.Tensor:
+        # h (B, N, D) per token, row-major per image and padded; token_xy (B, N, 2) its centre; cell (B, 2) a token's
+        # size, both in normalised units -> h + gelu(conv(h)) on each image's own grid (zeros beyond its edges).
+        b, n, d = h.shape
+        col = ((token_xy[..., 0] + 1) / cell[:, :1]).floor().long()  # (B, N): centre (c + 0.5) * cell - 1
+        row = ((token_xy[..., 1] + 1) / cell[:, 1:]).floor().long()
+        rows = int(row[token_mask].max()) + 1 if bool(token_mask.any()) else 1
+        cols = int(col[token_mask].max()) + 1 if bool(token_mask.any()) else 1
+        slot = torch.where(token_mask, row * cols + col, rows * cols)  # padding tokens -> one spare slot
+        canvas = h.new_zeros(b, rows * cols + 1, d).scatter(1, slot.unsqueeze(-1).expand(-1, -1, d), h)
+        grid = canvas[:, :-1].transpose(1, 2).reshape(b, d, rows, cols)  # (B, D, R, C)
+        out = F.gelu(self.conv(grid)).reshape(b, d, rows * cols).transpose(1, 2)  # (B, R*C, D)
+        out = torch.cat([out, out.new_zeros(b, 1, d)], 1).gather(1, slot.unsqueeze(-1).expand(-1, -1, d))  # (B, N, D)
+        return h + out
+
+
 class TokenPointer(nn.Module):
     """Per image token: logits "the next object is here" and "an unmarked object is here", and the log size
     of the object there (in token widths).
@@ -94,10 +122,11 @@ class TokenPointer(nn.Module):
     Reads the token's state and the query (the <x> state, which has read the prompt and its class name;
     with the prompt after the image, image tokens cannot know what to count in the causal LM).
     binding "add": gelu(token + query); "film": gelu(token * (1 + scale(query)) + query), the product
-    starting at "add" (scale's weights start at zero).
+    starting at "add" (scale's weights start at zero). context k > 0: a `TokenContext` (k x k over the token grid)
+    on the bound features before the scores.
     """
 
-    def __init__(self, hidden_size: int, dim: int, binding: str = "add"):
+    def __init__(self, hidden_size: int, dim: int, binding: str = "add", context: int = 0):
         super().__init__()
         if binding not in CLASS_BINDINGS:
             raise ValueError(f"class_binding must be one of {CLASS_BINDINGS}, got {binding!r}")
@@ -111,13 +140,18 @@ class TokenPointer(nn.Module):
             self.query_scale = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
             nn.init.zeros_(self.query_scale[1].weight)
             nn.init.zeros_(self.query_scale[1].bias)
+        self.context = TokenContext(dim, context) if context else None
 
-    def forward(self, tokens: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # tokens (B, N, H), query (B, H) -> next logits (B, N), object logits (B, N), log sizes (B, N)
+    def forward(self, tokens: torch.Tensor, query: torch.Tensor,
+                layout: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # tokens (B, N, H), query (B, H) -> next logits (B, N), object logits (B, N), log sizes (B, N);
+        # layout (token_xy, token_mask, cell): where each token sits, needed with context
         t = self.token_proj(tokens)  # (B, N, D)
         if self.query_scale is not None:
             t = t * (1 + self.query_scale(query).unsqueeze(1))
         h = F.gelu(t + self.query_proj(query).unsqueeze(1))  # (B, N, D)
+        if self.context is not None:
+            h = self.context(h, *layout)
         return self.next_score(h).squeeze(-1), self.object_score(h).squeeze(-1), self.size_score(h).squeeze(-1)
 
 
@@ -145,7 +179,8 @@ class SimpleSequentialModel(nn.Module):
     """Qwen2-VL backbone + x_head, y_head, done_head on the hidden states at <x>, <y>, <done>."""
 
     def __init__(self, backbone: nn.Module, processor, head_hidden: int = 256, pointing: str = "regress",
-                 prompt_position: str = "after", class_binding: str = "add", class_vocabulary: tuple = ()):
+                 prompt_position: str = "after", class_binding: str = "add", class_vocabulary: tuple = (),
+                 token_context: int = 0):
         super().__init__()
         if pointing not in POINTING_MODES:
             raise ValueError(f"pointing must be one of {POINTING_MODES}, got {pointing!r}")
@@ -179,7 +214,7 @@ class SimpleSequentialModel(nn.Module):
         self.done_head = PredictionHead(hidden_size, head_hidden)
         self.class_vocabulary = list(class_vocabulary)  # the classes the auxiliary class head tells apart
         if pointing == "token":
-            self.token_pointer = TokenPointer(hidden_size, head_hidden, class_binding)
+            self.token_pointer = TokenPointer(hidden_size, head_hidden, class_binding, token_context)
             if self.class_vocabulary:  # what each image token sees, among the training classes (auxiliary)
                 self.class_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, len(class_vocabulary)))
             # done_logit += w * (strongest "unmarked object here" logit) + b; w starts at -1: evidence of
@@ -286,7 +321,8 @@ class SimpleSequentialModel(nn.Module):
         """Token pointing: scores per token, x, y = best token's centre + its offset, done with evidence,
         object size = the sizes read at the tokens that hold unmarked objects, weighted by that score."""
         tokens = tokens.float()
-        next_logits, object_logits, token_log_sizes = self.token_pointer(tokens, feats[:, 0])  # (B, N) each
+        next_logits, object_logits, token_log_sizes = self.token_pointer(tokens, feats[:, 0],
+                                                                         (token_xy, token_mask, cell))  # (B, N) each
         next_logits = next_logits.masked_fill(~token_mask, float("-inf"))
         # Offsets from the token centre in half-cells, by x_head / y_head on each token's state plus the query.
         offsets = torch.stack([self.x_head(tokens + feats[:, :1]), self.y_head(tokens + feats[:, 1:2])], -1)  # (B, N, 2)

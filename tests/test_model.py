@@ -5,10 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dataset_fsc147 import FSC147Dataset, prepare_batch
-from model_sequential_simple import (SPECIAL_TOKENS, TokenPointer, clamp_coordinates, class_loss, compute_loss,
+from model_sequential_simple import (SPECIAL_TOKENS, TokenContext, TokenPointer, clamp_coordinates, class_loss, compute_loss,
                                      object_map_loss, size_loss, token_index, token_pointing_loss)
 from model_loading import build_model, model_inputs
 from run_logging import grad_norms
@@ -268,6 +269,49 @@ def test_film_binding_starts_as_add_and_then_scales_tokens_by_the_query():
     assert torch.allclose(film(tokens, query)[0], add.next_score(h).squeeze(-1), atol=1e-6)
 
 
+def grid_layout(rows: int, cols: int, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_xy (pad_to, 2) row-major on a rows x cols grid in [-1, 1], and its mask (image_tokens' layout)."""
+    xy = [[(c + 0.5) / cols * 2 - 1, (r + 0.5) / rows * 2 - 1] for r in range(rows) for c in range(cols)]
+    mask = [True] * len(xy) + [False] * (pad_to - len(xy))
+    return torch.tensor(xy + [[0.0, 0.0]] * (pad_to - len(xy))), torch.tensor(mask)
+
+
+def test_token_context_sums_each_tokens_grid_neighbours_within_its_own_image():
+    context = TokenContext(1, 3)
+    with torch.no_grad():
+        context.conv.weight.fill_(1.0)  # each output: the sum of the 3 x 3 neighbourhood
+    xy0, mask0 = grid_layout(2, 3, 6)  # image 0: 2 rows x 3 columns
+    xy1, mask1 = grid_layout(2, 2, 6)  # image 1: 2 x 2, padded with two tokens
+    h = torch.tensor([[1.0, 2, 3, 4, 5, 6], [10, 20, 30, 40, 99, 99]]).unsqueeze(-1)  # (B, N, 1)
+    cell = torch.tensor([[2 / 3, 1.0], [1.0, 1.0]])
+    out = context(h, torch.stack([xy0, xy1]), torch.stack([mask0, mask1]), cell)[..., 0]
+    # By hand: [[1, 2, 3], [4, 5, 6]] -> neighbourhood sums [[12, 21, 16], [12, 21, 16]]; image 1 -> 100 everywhere,
+    # nothing from image 0 or from its padding; the padding tokens keep their value.
+    sums = torch.tensor([[12.0, 21, 16, 12, 21, 16], [100, 100, 100, 100, 0, 0]])
+    assert torch.allclose(out, h[..., 0] + F.gelu(sums))
+    assert out[1, 4:].tolist() == [99.0, 99.0]
+
+
+def test_token_context_starts_as_none_and_still_learns():
+    torch.manual_seed(0)
+    plain, with_context = TokenPointer(8, 4, "film"), TokenPointer(8, 4, "film", context=3)
+    with_context.load_state_dict({**with_context.state_dict(), **plain.state_dict()})
+    tokens, query = torch.randn(1, 4, 8), torch.randn(1, 8)
+    layout = (GRID["token_xy"], GRID["token_mask"], GRID["cell"])
+    for a, b in zip(plain(tokens, query), with_context(tokens, query, layout)):
+        assert torch.allclose(a, b)  # zero weights: no context at the start
+    with_context(tokens, query, layout)[1].sum().backward()
+    assert with_context.context.conv.weight.grad.abs().sum() > 0
+
+
+def test_a_model_with_token_context_counts_through_the_real_backbone(train_config):
+    model = build_model(dataclasses.replace(train_config, pointing="token", token_context=3))
+    inputs = model.build_inputs([Image.new("RGB", (112, 84)), Image.new("RGB", (56, 56))], ["sea shells", "red rings"])
+    out = model(inputs)
+    assert out["object_logits"].shape[0] == 2 and torch.isfinite(out["object_logits"][out["token_mask"]]).all()
+    assert "token_pointer.context.conv.weight" in model.head_state_dict()  # saved with the heads
+
+
 def test_token_pointing_points_at_the_best_token_plus_its_offset(train_config):
     model = build_model(dataclasses.replace(train_config, pointing="token"))
     hidden = model.x_head.norm.normalized_shape[0]
@@ -282,7 +326,7 @@ def test_token_pointing_points_at_the_best_token_plus_its_offset(train_config):
         model.y_head.fc2.weight.zero_(), model.y_head.fc2.bias.fill_(-1.0)
     logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
     objects = torch.tensor([[0.0, 0.0, 1.5, 1.5]])
-    model.token_pointer.forward = lambda t, q: (logits, objects, torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
+    model.token_pointer.forward = lambda t, q, layout=None: (logits, objects, torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
     out = model.point_at_token(feats, torch.zeros(1), tokens, GRID["token_xy"], GRID["token_mask"], GRID["cell"])
     # Token 2 (centre (-0.5, 0.5)) + offset (0.5, -1.0) half-cells of 0.5: (-0.25, 0.0).
     assert out["x"].item() == pytest.approx(-0.25) and out["y"].item() == pytest.approx(0.0)

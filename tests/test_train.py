@@ -84,9 +84,9 @@ def test_unknown_flags_and_bad_values_are_all_reported(capsys):
         main(["--data_root", "x", "--no_such_flag", "1"])
     assert e.value.code == 2
     with pytest.raises(SystemExit):
-        main(["--batch_size", "0", "--lr", "5", "--target_strategy", "random"])
+        main(["--batch_size", "0", "--lr", "5", "--target_strategy", "random", "--token_context", "2"])
     err = capsys.readouterr().err
-    for text in ("--data_root is required", "--batch_size", "--lr", "--target_strategy"):
+    for text in ("--data_root is required", "--batch_size", "--lr", "--target_strategy", "--token_context"):
         assert text in err
 
 
