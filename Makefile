@@ -104,8 +104,8 @@ bench-distractors: $(STAMP) $(if $(findstring pretrained,$(PROMPT_BACKBONES)),$(
 
 # The same on classes never seen in counting training: colour + shape pairs of a 6 x 6 grid, the test pairs left out
 # of training while every colour and every shape is in it; on the pretrained stand-in (which was shown every pair
-# named, as Qwen2-VL-2B knows FSC-147's classes) and on the strict one (never shown the held-out pairs): ~25 min
-# per backbone. UNSEEN_BACKBONES=pretrained runs the first only.
+# named, as Qwen2-VL-2B knows FSC-147's classes) and on the strict one (never shown the held-out pairs): ~30-35
+# min per backbone. UNSEEN_BACKBONES=pretrained runs the first only.
 UNSEEN_BACKBONES ?= pretrained,pretrained-strict
 # Trained through the README's recipe (4-bit + LoRA, lr 1e-3): on the unseen pairs it counted 0.593 exact against
 # full fine-tuning's 0.450 (RESULTS.md 1d). UNSEEN_FINETUNE=full gives the full fine-tuning row. With LoRA also on the
