@@ -188,6 +188,8 @@ class BenchConfig:
 
 def validate(cfg: BenchConfig) -> list[str]:
     """Every problem with the config at once."""
+    from model_loading import token_context_errors
+
     errors = []
     for name in parse_variants(cfg.variants):
         model, *suffixes = name.split("-")
@@ -264,8 +266,7 @@ def validate(cfg: BenchConfig) -> list[str]:
         errors.append("--eval_every, --test_images, --warmup_steps and --num_workers must be >= 0")
     if not 0 < cfg.lr < 1 or not 0 <= cfg.lora_lr < 1:
         errors.append(f"--lr must be in (0, 1) and --lora_lr in [0, 1), got {cfg.lr}, {cfg.lora_lr}")
-    if cfg.token_context < 0 or cfg.token_context % 2 == 0 and cfg.token_context:
-        errors.append(f"--token_context must be 0 or an odd kernel size such as 3, got {cfg.token_context}")
+    errors += token_context_errors(cfg.token_context)
     try:
         if not all(0 < t < 1 for t in parse_thresholds(cfg.tune_threshold) + [cfg.done_threshold]):
             errors.append("--done_threshold and --tune_threshold values must be in (0, 1)")

@@ -79,6 +79,13 @@ class ModelConfig:
     device: str = arg("auto", "auto (cuda if available), cuda or cpu")
 
 
+def token_context_errors(kernel: int) -> list[str]:
+    """--token_context is 0 (none) or an odd kernel size (the convolution keeps each token's place)."""
+    if kernel < 0 or (kernel and kernel % 2 == 0):
+        return [f"--token_context must be 0 or an odd kernel size such as 3, got {kernel}"]
+    return []
+
+
 def validate_model_config(cfg: ModelConfig) -> list[str]:
     """Every problem with the model fields at once."""
     errors = []
@@ -88,8 +95,8 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         errors.append(f"--pointing must be one of {POINTING_MODES}, got {cfg.pointing!r}")
     if cfg.prompt_position not in PROMPT_POSITIONS:
         errors.append(f"--prompt_position must be one of {PROMPT_POSITIONS}, got {cfg.prompt_position!r}")
-    if cfg.token_context < 0 or (cfg.token_context and cfg.token_context % 2 == 0):
-        errors.append(f"--token_context must be 0 or an odd kernel size such as 3, got {cfg.token_context}")
+    if token_context_errors(cfg.token_context):
+        errors += token_context_errors(cfg.token_context)
     elif cfg.token_context and cfg.pointing != "token":
         errors.append("--token_context needs --pointing token (it works on the image tokens' scores)")
     if cfg.class_binding not in CLASS_BINDINGS:
