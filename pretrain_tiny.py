@@ -96,6 +96,8 @@ class PretrainConfig:
     probe: str = arg("", "cnn: train a small CNN on the per-token shape targets instead (prints its held-out shape "
                      "accuracy, saves nothing); empty: pretrain the stand-in")
     shape_weight: float = arg(5.0, "weight of the per-token shape loss in the sum (the others weigh 1; 1 learnt no shape)")
+    ground_weight: float = arg(1.0, "weight of the per-token \"shows the named class\" loss in the sum (the grounding "
+                               "that counting an unseen pair leans on, RESULTS.md 1d)")
     vision_heads: float = arg(0.0, "weight of a second pair of colour and shape losses read straight from the vision "
                               "tower's output (the merged image tokens the language model receives; the shape one "
                               "times --shape_weight): supervises the part the README's LoRA recipe freezes; 0: none "
@@ -121,6 +123,8 @@ def validate(cfg: PretrainConfig) -> list[str]:
         errors.append(f"--probe must be cnn or empty, got {cfg.probe!r}")
     if cfg.shape_weight <= 0:
         errors.append("--shape_weight must be > 0")
+    if cfg.ground_weight <= 0:
+        errors.append("--ground_weight must be > 0")
     if cfg.vision_heads < 0:
         errors.append(f"--vision_heads must be >= 0, got {cfg.vision_heads}")
     if not 0 < cfg.lr < 1 or cfg.minutes <= 0 or cfg.warmup_steps < 0:
@@ -303,9 +307,11 @@ def forward(backbone, heads: PretrainHeads, processor, examples: list[Example]):
     return pairs
 
 
-def losses(pairs, shape_weight: float = 1.0, vision_weight: float = 0.0) -> dict[str, torch.Tensor]:
-    """Each objective's loss, averaged over the examples (the shape loss times shape_weight; with vision heads, their
-    colour loss plus shape_weight times their shape loss, times vision_weight, as "vision")."""
+def losses(pairs, shape_weight: float = 1.0, vision_weight: float = 0.0,
+           ground_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Each objective's loss, averaged over the examples (the shape loss times shape_weight, the ground loss times
+    ground_weight; with vision heads, their colour loss plus shape_weight times their shape loss, times
+    vision_weight, as "vision")."""
     terms = {"colour": 0.0, "shape": 0.0, "mark": 0.0, "number": 0.0, "ground": 0.0, "present": 0.0}
     for out, tgt in pairs:
         if "vision_colour" in out:
@@ -320,7 +326,7 @@ def losses(pairs, shape_weight: float = 1.0, vision_weight: float = 0.0) -> dict
         terms["mark"] = terms["mark"] + F.binary_cross_entropy_with_logits(out["mark"], marked.float(), weight=weight)
         if marked.any():
             terms["number"] = terms["number"] + F.cross_entropy(out["number"][marked], tgt["mark"][marked] - 1)
-        terms["ground"] = terms["ground"] + F.binary_cross_entropy_with_logits(out["ground"], tgt["ground"])
+        terms["ground"] = terms["ground"] + ground_weight * F.binary_cross_entropy_with_logits(out["ground"], tgt["ground"])
         terms["present"] = terms["present"] + F.binary_cross_entropy_with_logits(out["present"], tgt["present"])
     return {k: v / len(pairs) for k, v in terms.items()}
 
@@ -512,7 +518,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             stopped_by = f"--minutes {cfg.minutes} at step {step}"
             break
         examples = [make_example(rng, cfg, classes) for _ in range(cfg.batch_size)]
-        terms = losses(forward(backbone, heads, processor, examples), cfg.shape_weight, cfg.vision_heads)
+        terms = losses(forward(backbone, heads, processor, examples), cfg.shape_weight, cfg.vision_heads,
+                       cfg.ground_weight)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

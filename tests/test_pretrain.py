@@ -84,9 +84,10 @@ def test_token_targets_by_hand():
     assert float(t["present"]) == 1.0
 
 
-def test_shape_weight_scales_only_the_shape_loss():
+def test_shape_and_ground_weights_scale_only_their_own_loss():
     """Zero logits on 2 tokens: every cross-entropy is ln(classes), the BCEs ln 2; --shape_weight 3 triples the
-    shape term (3 ln 9) and leaves the colour term at ln 9."""
+    shape term (3 ln 9) and leaves the colour term at ln 9; --ground_weight 2 doubles the ground term (2 ln 2) and
+    leaves the present term at ln 2."""
     out = {"colour": torch.zeros(2, 9), "shape": torch.zeros(2, 9), "mark": torch.zeros(2),
            "number": torch.zeros(2, pt.MAX_MARK_LABEL), "ground": torch.zeros(2), "present": torch.tensor(0.0)}
     tgt = {"colour": torch.tensor([0, 3]), "shape": torch.tensor([0, 5]), "mark": torch.tensor([0, 0]),
@@ -95,6 +96,10 @@ def test_shape_weight_scales_only_the_shape_loss():
     assert float(terms["shape"]) == pytest.approx(3 * np.log(9), rel=1e-5)
     assert float(terms["colour"]) == pytest.approx(np.log(9), rel=1e-5)
     assert float(terms["ground"]) == pytest.approx(np.log(2), rel=1e-5)
+    terms = pt.losses([(out, tgt)], shape_weight=3.0, ground_weight=2.0)
+    assert float(terms["ground"]) == pytest.approx(2 * np.log(2), rel=1e-5)
+    assert float(terms["present"]) == pytest.approx(np.log(2), rel=1e-5)
+    assert float(terms["shape"]) == pytest.approx(3 * np.log(9), rel=1e-5)
 
 
 def test_vision_heads_add_their_own_colour_and_shape_loss():
@@ -175,9 +180,10 @@ def test_the_cnn_probe_reads_the_stand_ins_token_grid():
 
 def test_probe_and_shape_weight_flags_are_checked(capsys):
     with pytest.raises(SystemExit):
-        pt.main(["--probe", "vit", "--shape_weight", "0"])
+        pt.main(["--probe", "vit", "--shape_weight", "0", "--ground_weight", "-1"])
     err = capsys.readouterr().err
     assert "--probe must be cnn or empty" in err and "--shape_weight must be > 0" in err
+    assert "--ground_weight must be > 0" in err
     assert pt.main(["--probe", "cnn", "--steps", "2", "--batch_size", "2", "--eval_images", "2"]) == 0
     assert "sparse_token_shape_acc" in capsys.readouterr().out
 
