@@ -90,7 +90,7 @@ bench-learning-20min: $(STAMP) $(PRETRAINED)/pretrain.json
 # which makes the second learning test's setting learnable, measured no better here: RESULTS.md.) Each token's
 # scores see its 3 x 3 neighbours (--token_context 3): bench-distractors 0.910 / 0.110 against 0.856 / 0.213 without
 # (three train seeds), bench-unseen 0.850 / 0.273 and 0.787 / 0.330 (two train seeds) against 0.707 / 0.533 without, all on
-# the s10k build; with it 0.543 / 1.067 and 0.700 / 0.530 on today's default build (RESULTS.md 1d).
+# the s10k build; with it 0.543 / 1.067 and 0.700 / 0.530 on the fast-10k default build of 2026-12-05 (RESULTS.md 1d).
 PROMPT_SETTINGS := --protocol text,exemplar --negative_prompts 0.3 --mark_size_jitter 0.2 --token_context 3
 
 # Named class plus objects of 1 or 2 other classes (1-6 each), seen classes, on the pretrained stand-in, in the

@@ -520,8 +520,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             stopped_by = f"--minutes {cfg.minutes} at step {step}"
             break
         examples = [make_example(rng, cfg, classes) for _ in range(cfg.batch_size)]
-        terms = losses(forward(backbone, heads, processor, examples), cfg.shape_weight, cfg.vision_heads,
-                       cfg.ground_weight)
+        terms = losses(forward(backbone, heads, processor, examples), shape_weight=cfg.shape_weight,
+                       vision_weight=cfg.vision_heads, ground_weight=cfg.ground_weight)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
