@@ -169,6 +169,18 @@ def test_lora_vision_reaches_the_vision_blocks_and_says_so_in_the_row():
     assert bench_learning.finetune_label(bench_learning.BenchConfig(), "lora4bit") == "lora4bit"
 
 
+def test_lora_dropout_reaches_the_training_run_and_bad_values_are_refused(capsys):
+    """--lora_dropout 0 reaches the run's training config; left out, the run keeps the training script's 0.05;
+    1.5 is refused with a message naming the flag."""
+    assert bench_learning.train_config(bench_learning.BenchConfig(lora_dropout=0.0), "simple-token", "data", "model",
+                                       finetune="lora4bit").lora_dropout == 0.0
+    assert bench_learning.train_config(bench_learning.BenchConfig(), "simple-token", "data", "model",
+                                       finetune="lora4bit").lora_dropout == 0.05
+    with pytest.raises(SystemExit):
+        bench_learning.main(["--lora_dropout", "1.5"])
+    assert "--lora_dropout must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
 def test_a_signal_during_training_stops_the_benchmark(tmp_path, monkeypatch, capsys):
     """Ctrl-C in a variant's training (train returns interrupted) ends the benchmark with exit code 130 and writes
     no results table of the shortened run; the next variant is not trained."""
