@@ -151,9 +151,9 @@ class BenchConfig:
     lora_vision: bool = arg(False, "LoRA also on the vision encoder (qkv, proj, fc1, fc2; 'proj' also matches the patch "
                             "embedding), not only the language model (the training script's targets)")
     lora_r: int = arg(16, "LoRA rank (alpha = 2 x rank; the training script's defaults: 16, 32)")
-    lora_dropout: float = arg(0.05, "dropout on the LoRA rows' adapter inputs (the training script's default 0.05); on "
-                              "CPU the masks cost about a fifth of a vision-LoRA step, but 0 counted bench-unseen's "
-                              "unseen pairs at 0.633 against 0.803 (RESULTS.md 1d)")
+    lora_dropout: float = arg(TrainConfig.lora_dropout, "dropout on the LoRA rows' adapter inputs (default: the training "
+                              "script's); on CPU the masks cost about a fifth of a vision-LoRA step, but 0 counted "
+                              "bench-unseen's unseen pairs at 0.633 against 0.803 (RESULTS.md 1d)")
     batch_size: int = arg(8, "counting states per optimizer step")
     lr: float = arg(3e-4, "learning rate (one for every trainable parameter)")
     lora_lr: float = arg(0.0, "learning rate of the LoRA rows (--finetune lora4bit or lora; 0: --lr); each training run "
