@@ -33,8 +33,8 @@ clean-demo:
 	rm -rf demo runs/demo
 
 # The pretrained stand-in for Qwen2-VL-2B (pretrain_tiny.py): the tiny Qwen2-VL taught which class is where, the
-# class names and reading numbered marks, never counting; built once (10,000 steps, shape loss x 5: 18 min on 2 fast
-# cores, ~50 on the slowest seen) from a fixed seed and rebuilt when its own scripts change (not the helpers it
+# class names and reading numbered marks, never counting; built once (10,000 steps, shape loss x 5, hard negatives in
+# a quarter of the scenes: 18-20 min on 2 fast cores, ~50 on the slowest seen) from a fixed seed and rebuilt when its own scripts change (not the helpers it
 # imports from dataset_fsc147 and model_loading). Bit-identical over a few steps (tests/test_pretrain.py); two builds
 # of one commit differed by up to 0.04 in held-out scores (RESULTS.md 1d). The strict one never sees bench-unseen's
 # held-out colour + shape pairs.
@@ -76,13 +76,15 @@ bench-learning: $(STAMP)
 # stand-in: full fine-tuning and the README's 4-bit + LoRA recipe (training script's LoRA defaults: rank 16, the
 # language model's projections, vision frozen), same steps and test images; LoRA at lr 1e-3 (on the v2 stand-in
 # 3e-4 counted 0.777 exact, 1e-3 0.857; on today's default 0.923: RESULTS.md 1d); full fine-tuning at lr 5e-4 (after
-# $(BENCH_SETTINGS): the last --lr wins; 3e-4 counted 0.940, 5e-4 0.963). ~30-35 min in all; `make tiny-pretrained`
-# first, once. BACKBONES=random,pretrained adds random rows.
+# $(BENCH_SETTINGS): the last --lr wins; 3e-4 counted 0.940, 5e-4 0.963). Each token's scores see its 3 x 3
+# neighbours (--token_context 3, as the prompt targets do): full fine-tuning 0.980 / 0.023 against 0.933 / 0.093
+# without on the 2026-12-05 build, 0.953 / 0.050 on the --confusers 0.25 build (RESULTS.md 1d). ~30-45 min in all;
+# `make tiny-pretrained` first, once. BACKBONES=random,pretrained adds random rows.
 BACKBONES ?= pretrained
 bench-learning-20min: $(STAMP) $(PRETRAINED)/pretrain.json
 	$(VENV)/bin/python bench_learning.py --output_dir runs/bench_learning_20min --steps 3700 --minutes 20 \
 		--variants mean,simple-token --protocol text,exemplar --backbone $(BACKBONES) --finetune full,lora4bit \
-		--lora_lr 1e-3 $(BENCH_SETTINGS) --lr 5e-4
+		--lora_lr 1e-3 --token_context 3 $(BENCH_SETTINGS) --lr 5e-4
 
 # The prompt issue's recipe (RESULTS.md section 1b): prompt before the image, FiLM class binding, done also
 # trained on prompts naming an absent class, marks of jittered size (so that the text protocol's own size
