@@ -116,8 +116,9 @@ UNSEEN_BACKBONES ?= pretrained,pretrained-strict
 # at ~1.6x the time per step (RESULTS.md 1d); UNSEEN_LORA_VISION= (empty) gives the frozen-vision row.
 # Counted twice on the same test images: on the whole image (tiles 1, the rows before 2026-12-06) and with crops where
 # the counter's own size estimate says the objects are small (tiles auto, what evaluate_counting.py and
-# count_objects.py do by default with a token-pointing checkpoint): on the conf25 build's three train seeds 0.820,
-# 0.883 and 0.687 against 0.803, 0.830 and 0.667 on whole images (RESULTS.md 1d).
+# count_objects.py do by default with a token-pointing checkpoint): on the conf25 build (the default build since
+# 2026-12-06) over three train seeds 0.820, 0.883 and 0.687 against 0.803, 0.830 and 0.667 on whole images; this target
+# in a fresh clone (train seed 0) 0.820 / 0.400 and 0.803 / 0.433 (RESULTS.md 1d).
 UNSEEN_FINETUNE ?= lora4bit
 UNSEEN_LORA_VISION ?= --lora_vision
 bench-unseen: $(STAMP) $(if $(findstring pretrained,$(subst pretrained-strict,,$(UNSEEN_BACKBONES))),$(PRETRAINED)/pretrain.json) \
