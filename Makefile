@@ -34,10 +34,10 @@ clean-demo:
 
 # The pretrained stand-in for Qwen2-VL-2B (pretrain_tiny.py): the tiny Qwen2-VL taught which class is where, the
 # class names and reading numbered marks, never counting; built once (10,000 steps, shape loss x 5, hard negatives in
-# a quarter of the scenes: 18-20 min on 2 fast cores, ~50 on the slowest seen) from a fixed seed and rebuilt when its own scripts change (not the helpers it
-# imports from dataset_fsc147 and model_loading). Bit-identical over a few steps (tests/test_pretrain.py); two builds
-# of one commit differed by up to 0.04 in held-out scores (RESULTS.md 1d). The strict one never sees bench-unseen's
-# held-out colour + shape pairs.
+# a quarter of the scenes: 18-20 min on 2 fast cores, ~50 on the slowest seen) from a fixed seed and rebuilt when its
+# own scripts change (not the helpers it imports from dataset_fsc147 and model_loading). Bit-identical over a few
+# steps (tests/test_pretrain.py); two builds of one commit differed by up to 0.04 in held-out scores (RESULTS.md 1d).
+# The strict one never sees bench-unseen's held-out colour + shape pairs.
 PRETRAINED := models/tiny-pretrained
 PRETRAINED_STRICT := models/tiny-pretrained-strict
 PRETRAIN_SOURCES := pretrain_tiny.py tiny_qwen2vl.py synthetic_fsc147.py

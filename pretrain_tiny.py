@@ -94,7 +94,8 @@ class PretrainConfig:
                            "whose absent query looks like a present class but for one part (hard negatives; 0: any "
                            "class, the build before 2026-12-06; 0.5 at 4,000 steps lowered every held-out score; 0.25 "
                            "at 10,000 raised grounding precision on plain scenes, lowered it on confuser scenes, and "
-                           "counted bench-unseen's unseen pairs at 0.80-0.83 against 0.54-0.70, RESULTS.md 1d)")
+                           "counted bench-unseen's unseen pairs at 0.67-0.83 over three seeds against 0.54-0.70 over two, "
+                           "RESULTS.md 1d)")
     probe: str = arg("", "cnn: train a small CNN on the per-token shape targets instead (prints its held-out shape "
                      "accuracy, saves nothing); empty: pretrain the stand-in")
     shape_weight: float = arg(5.0, "weight of the per-token shape loss in the sum (the others weigh 1; 1 learnt no shape)")
