@@ -86,6 +86,11 @@ def token_context_errors(kernel: int) -> list[str]:
     return []
 
 
+def lora_dropout_errors(p: float) -> list[str]:
+    """--lora_dropout is a probability below 1 (1 would drop every adapter input)."""
+    return [] if 0 <= p < 1 else [f"--lora_dropout must be in [0, 1), got {p}"]
+
+
 def validate_model_config(cfg: ModelConfig) -> list[str]:
     """Every problem with the model fields at once."""
     errors = []
@@ -121,8 +126,7 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
     for name in ("lora_r", "lora_alpha", "head_hidden"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if not 0 <= cfg.lora_dropout < 1:
-        errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    errors += lora_dropout_errors(cfg.lora_dropout)
     if not 0 < cfg.min_pixels <= cfg.max_pixels:
         errors.append("--min_pixels must be positive and <= --max_pixels")
     if not (cfg.object_tokens >= 0 and math.isfinite(cfg.object_tokens)):
